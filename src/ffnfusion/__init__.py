@@ -1,0 +1,8 @@
+"""ffnfusion: FFN Fusion (arXiv 2503.18908) for Hugging Face Llama-family models."""
+
+from ffnfusion.modeling import DeciLMConfig, DeciLMForCausalLM
+from ffnfusion.plan import Plan, PlanError
+
+__version__ = "0.1.0"
+
+__all__ = ["DeciLMConfig", "DeciLMForCausalLM", "Plan", "PlanError", "__version__"]

@@ -1,0 +1,155 @@
+"""The `fuse` stage: original model + plan -> fused checkpoint in the DeciLM / nemotron-nas format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ffnfusion.adapters import adapter_for
+from ffnfusion.checkpoint import atomic_output_dir, write_fused_checkpoint
+from ffnfusion.modeling.modeling_decilm import block_ffn_width
+from ffnfusion.plan import ENGINE_WIDTH_MULTIPLE, Plan, plan_blocks, sequential_sub_blocks
+from ffnfusion.source import ModelSource, ModelSourceError, parse_dtype, resolve_model
+from ffnfusion.surgery import fused_config, fused_tensors
+
+ENGINES = ("transformers", "vLLM", "TensorRT-LLM", "llama.cpp")
+
+
+@dataclass
+class FuseSummary:
+    out: Path
+    layers_before: int
+    layers_after: int
+    sub_blocks_before: int
+    sub_blocks_after: int
+    params_before: int
+    params_after: int
+    engines: dict[str, str] = field(default_factory=dict)  # engine -> "yes" or the reason it cannot load the model
+
+
+def count_parameters(config: dict[str, Any]) -> int:
+    """Parameters of the DeciLM model that `config` describes (what the checkpoint holds)."""
+    hidden, hd, vocab = config["hidden_size"], config["head_dim"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    qkv_bias = config.get("attention_bias") or config.get("qkv_bias")
+    total = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2) + hidden
+    for block in config["block_configs"]:
+        p = block.get("parallel_blocks", 1) or 1
+        attn = block["attention"]
+        if not attn["no_op"]:
+            kv = heads // attn["n_heads_in_group"]
+            q_out, kv_out = p * heads * hd, p * kv * hd
+            total += hidden + hidden * (q_out + 2 * kv_out) + q_out * hidden
+            total += (q_out + 2 * kv_out) * bool(qkv_bias) + hidden * bool(config.get("attention_bias"))
+            total += 2 * p * hd * bool(config.get("qk_norm"))
+        if not block["ffn"]["no_op"]:
+            width = block_ffn_width(block, hidden)
+            total += hidden + 3 * hidden * width + (2 * width + hidden) * bool(config.get("mlp_bias"))
+    return total
+
+
+def engine_support(config: dict[str, Any]) -> dict[str, str]:
+    """Which serving engines can load a checkpoint with this config, and why not where they cannot."""
+    hidden = config["hidden_size"]
+    blocks = config["block_configs"]
+    reasons: dict[str, list[str]] = {e: [] for e in ENGINES[1:]}
+    if any((b.get("parallel_blocks") or 1) > 1 for b in blocks):
+        for e in reasons:
+            reasons[e].append("block-parallel groups are an ffnfusion extension")
+    if config.get("qkv_bias"):
+        for e in reasons:
+            reasons[e].append("q/k/v bias (Qwen2) is an ffnfusion extension")
+    if config.get("qk_norm"):
+        for e in reasons:
+            reasons[e].append("q/k norms (Qwen3) are an ffnfusion extension")
+    widths = {block_ffn_width(b, hidden) for b in blocks if not b["ffn"]["no_op"]}
+    if bad := sorted(w for w in widths if w % ENGINE_WIDTH_MULTIPLE):
+        for e in reasons:
+            reasons[e].append(
+                f"FFN widths {bad} are not multiples of {ENGINE_WIDTH_MULTIPLE} (ffn_mult cannot express them)"
+            )
+    if any(not b["attention"]["no_op"] and b["ffn"]["no_op"] for b in blocks):
+        reasons["llama.cpp"].append("a block with attention but no FFN loses its attention output there")
+    if config["head_dim"] * config["num_attention_heads"] != hidden:
+        reasons["llama.cpp"].append("head_dim != hidden_size / num_attention_heads")
+    out = {"transformers": "yes (import ffnfusion, or trust_remote_code=True)"}
+    out.update({e: "no: " + "; ".join(r) if r else "yes" for e, r in reasons.items()})
+    return out
+
+
+def _check_output_location(source: ModelSource, out: Path) -> None:
+    out = out.resolve()
+    folder = source.folder.resolve()
+    if out == folder or folder in out.parents:
+        raise ValueError(f"Refusing to write into the input model's folder ({folder}); choose --out elsewhere.")
+
+
+def fuse(
+    model: str,
+    plan: Plan | str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    allow_any_width: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> FuseSummary:
+    """Apply `plan` to `model` and write the fused checkpoint to `out` (atomically)."""
+    source = resolve_model(model)
+    if source.is_fused_checkpoint:
+        raise ModelSourceError(
+            f"{model} is already a fused checkpoint; plans index the ORIGINAL model's layers, so fuse the original."
+        )
+    out = Path(out)
+    _check_output_location(source, out)
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    hf_config = source.config()
+    base = adapter_for(hf_config).decilm_config(hf_config)
+    widths_ok = all(block_ffn_width(b, base["hidden_size"]) % ENGINE_WIDTH_MULTIPLE == 0 for b in base["block_configs"])
+    # Only insist on engine-readable fused widths when the original model itself is engine-readable.
+    new_config = fused_config(base, plan, require_engine_widths=widths_ok and not allow_any_width)
+    get = source.tensor_getter(parse_dtype(dtype) if dtype else None)
+    tokenizer = source.tokenizer()
+    with atomic_output_dir(out, overwrite) as tmp:
+        params = write_fused_checkpoint(
+            tmp,
+            new_config,
+            fused_tensors(base, plan, get),
+            tokenizer,
+            max_shard_bytes=max_shard_bytes,
+            extra_files={"ffnfusion_plan.json": plan.model_dump_json(indent=2) + "\n"},
+        )
+    num_layers = len(base["block_configs"])
+    return FuseSummary(
+        out=out,
+        layers_before=num_layers,
+        layers_after=len(new_config["block_configs"]),
+        sub_blocks_before=2 * num_layers,
+        sub_blocks_after=sequential_sub_blocks(plan_blocks(plan, num_layers)),
+        params_before=count_parameters(base),
+        params_after=params,
+        engines=engine_support(new_config),
+    )
+
+
+def fuse_model(model: Any, plan: Plan, require_engine_widths: bool = False) -> Any:
+    """In-memory fusion of a loaded transformers model: returns a DeciLMForCausalLM on the same device and dtype."""
+    import torch
+
+    from ffnfusion.modeling.modeling_decilm import DeciLMConfig, DeciLMForCausalLM
+
+    base = adapter_for(model.config).decilm_config(model.config)
+    new_config = fused_config(base, plan, require_engine_widths)
+    state = model.state_dict()
+    tensors = dict(fused_tensors(base, plan, state.__getitem__))
+    param = next(model.parameters())
+    with torch.device("meta"):
+        fused = DeciLMForCausalLM(DeciLMConfig(**new_config))
+    fused.load_state_dict(tensors, strict=False, assign=True)
+    if new_config.get("tie_word_embeddings"):
+        fused.tie_weights()
+    fused.model.rotary_emb = type(fused.model.rotary_emb)(fused.config)
+    missing = [n for n, p in fused.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"fusion left parameters without weights: {missing[:5]}")
+    return fused.to(device=param.device, dtype=param.dtype).eval()

@@ -1,0 +1,485 @@
+# Heterogeneous-layer causal LM in NVIDIA's DeciLM / nemotron-nas checkpoint format.
+#
+# This file is self-contained (torch + transformers only): `ffnfusion fuse` copies it into every checkpoint
+# it writes and points `auto_map` at it, so `trust_remote_code=True` loads a fused model in a Python where
+# ffnfusion is not installed.
+#
+# Every layer ("block") has its own entry in `config.block_configs`:
+#   {"attention": {"no_op": bool, "n_heads_in_group": int | null, "replace_with_linear": false},
+#    "ffn": {"no_op": bool, "ffn_mult": float | null, "intermediate_size": int | null, "replace_with_linear": false},
+#    "parallel_blocks": int}   # ffnfusion extension, 1 when absent
+# A block with `parallel_blocks == P > 1` holds P whole decoder layers that all read the block's input; their
+# q/k/v projections are stored concatenated (one wide GEMM each), their FFNs as one wide FFN whose gate/up halves
+# read each member's own post-attention stream. RMSNorm weights of such blocks and of fused FFNs are folded into
+# the projections, so their norms have unit weight.
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+# transformers renamed `past_key_values` to `cache` (5.2x); speak whichever this version's outputs use.
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
+    """The FFN width vLLM, TensorRT-LLM and llama.cpp derive from `ffn_mult`: 2/3 * mult * hidden, rounded up to 256."""
+    width = int(2 * ffn_mult * hidden_size / 3)
+    return width + (-width % 256)
+
+
+def block_ffn_width(block: dict, hidden_size: int) -> int:
+    ffn = block["ffn"]
+    if ffn.get("intermediate_size"):
+        return int(ffn["intermediate_size"])
+    return ffn_mult_to_intermediate_size(ffn["ffn_mult"], hidden_size)
+
+
+class DeciLMConfig(PretrainedConfig):
+    model_type = "nemotron-nas"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 4096,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        block_configs: list[dict] | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        attention_bias: bool = False,
+        qkv_bias: bool = False,
+        mlp_bias: bool = False,
+        qk_norm: bool = False,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        source_model_type: str | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.block_configs = [dict(b) for b in (block_configs or [])]
+        self.num_hidden_layers = len(self.block_configs)
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
+        self.attention_bias = attention_bias  # bias on q/k/v/o (Llama's meaning)
+        self.qkv_bias = qkv_bias  # bias on q/k/v only (Qwen2); ffnfusion extension
+        self.mlp_bias = mlp_bias
+        self.qk_norm = qk_norm
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.source_model_type = source_model_type
+        kwargs.pop("num_hidden_layers", None)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def attention_heads(self, block: dict) -> tuple[int, int] | None:
+        """(query heads, KV heads) of one member layer of a block, or None for a no-op attention."""
+        attn = block["attention"]
+        if attn.get("no_op"):
+            return None
+        group = attn.get("n_heads_in_group") or self.num_attention_heads // self.num_key_value_heads
+        return self.num_attention_heads, self.num_attention_heads // group
+
+
+class DeciLMRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Unit-weight RMSNorm over the last dimension, computed in fp32 like DeciLMRMSNorm."""
+    x32 = x.to(torch.float32)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class DeciLMRotaryEmbedding(nn.Module):
+    def __init__(self, config: DeciLMConfig):
+        super().__init__()
+        scaling = dict(config.rope_scaling or {})
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type == "default":
+            dim = config.head_dim
+            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            self.attention_scaling = 1.0
+        else:
+            # Reuse transformers' implementations of scaled RoPE (llama3, yarn, linear, ...), which read a Llama config.
+            params = {**scaling, "rope_type": rope_type, "rope_theta": config.rope_theta}
+            proxy = LlamaConfig(
+                hidden_size=config.hidden_size,
+                num_attention_heads=config.num_attention_heads,
+                head_dim=config.head_dim,
+                max_position_embeddings=config.max_position_embeddings,
+                rope_parameters=params,
+            )
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](proxy, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class DeciLMAttention(nn.Module):
+    """Grouped-query attention of `parallel` member layers at once (parallel=1 is a plain Llama attention).
+
+    Member p owns query heads [p*H, (p+1)*H) and KV heads [p*K, (p+1)*K); since every member has the same
+    query/KV ratio, the usual GQA head mapping over the concatenated heads pairs each query head with its own
+    member's KV head, so all members run as one wide q/k/v projection and one attention call.
+    """
+
+    def __init__(self, config: DeciLMConfig, n_heads: int, n_kv_heads: int, parallel: int, cache_index: int):
+        super().__init__()
+        self.config = config
+        self.parallel = parallel
+        self.head_dim = config.head_dim
+        self.n_heads = n_heads * parallel
+        self.n_kv_heads = n_kv_heads * parallel
+        self.cache_index = cache_index
+        hidden, hd = config.hidden_size, config.head_dim
+        bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(hidden, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * hd, bias=bias)
+        # o_proj bias is refused for parallel groups at surgery time, so a plain Linear fits both cases.
+        self.o_proj = nn.Linear(self.n_heads * hd, hidden, bias=config.attention_bias and parallel == 1)
+        if config.qk_norm:
+            # One norm weight per member (shape [P, head_dim], flattened for parallel=1 compatibility).
+            shape = (hd,) if parallel == 1 else (parallel, hd)
+            self.q_norm = DeciLMQKNorm(shape, config.rms_norm_eps)
+            self.k_norm = DeciLMQKNorm(shape, config.rms_norm_eps)
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+    ) -> torch.Tensor:
+        """Attention output before o_proj: [batch, seq, n_heads * head_dim]."""
+        bsz, seq, _ = hidden_states.shape
+        hd = self.head_dim
+        q = self.q_proj(hidden_states).view(bsz, seq, self.n_heads, hd)
+        k = self.k_proj(hidden_states).view(bsz, seq, self.n_kv_heads, hd)
+        v = self.v_proj(hidden_states).view(bsz, seq, self.n_kv_heads, hd)
+        if self.config.qk_norm:
+            q = self.q_norm(q, self.parallel)
+            k = self.k_norm(k, self.parallel)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = position_embeddings
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.cache_index)
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        return out.transpose(1, 2).reshape(bsz, seq, self.n_heads * hd)
+
+
+class DeciLMQKNorm(nn.Module):
+    """Per-head RMSNorm of queries or keys (Qwen3); a parallel block keeps one weight per member."""
+
+    def __init__(self, shape: tuple[int, ...], eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor, parallel: int) -> torch.Tensor:
+        bsz, seq, heads, hd = x.shape
+        normed = rms_normalize(x, self.variance_epsilon)
+        weight = self.weight.view(parallel, 1, hd).expand(parallel, heads // parallel, hd).reshape(heads, hd)
+        return weight * normed
+
+
+class DeciLMMLP(nn.Module):
+    def __init__(self, config: DeciLMConfig, intermediate_size: int, parallel: int):
+        super().__init__()
+        hidden, bias = config.hidden_size, config.mlp_bias
+        self.parallel = parallel
+        self.intermediate_size = intermediate_size
+        self.gate_proj = nn.Linear(hidden, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_members(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, seq, P, hidden], member p's normalised input in x[:, :, p]. Returns the SUM of member outputs.
+
+        gate/up are batched matmuls (each member reads its own input); down is one GEMM over the concatenated
+        width, which sums the members' outputs for free.
+        """
+        p, hidden = self.parallel, x.shape[-1]
+        width = self.intermediate_size // p
+        gate = torch.einsum("btph,pfh->btpf", x, self.gate_proj.weight.view(p, width, hidden))
+        up = torch.einsum("btph,pfh->btpf", x, self.up_proj.weight.view(p, width, hidden))
+        if self.gate_proj.bias is not None:
+            gate = gate + self.gate_proj.bias.view(p, width)
+            up = up + self.up_proj.bias.view(p, width)
+        act = (F.silu(gate) * up).flatten(2)
+        return self.down_proj(act)
+
+
+class DeciLMDecoderLayer(nn.Module):
+    def __init__(self, config: DeciLMConfig, layer_idx: int, cache_index: int):
+        super().__init__()
+        block = config.block_configs[layer_idx]
+        self.parallel = int(block.get("parallel_blocks", 1) or 1)
+        heads = config.attention_heads(block)
+        self.has_attention = heads is not None
+        self.has_ffn = not block["ffn"].get("no_op")
+        eps = config.rms_norm_eps
+        self.eps = eps
+        if self.has_attention:
+            self.input_layernorm = DeciLMRMSNorm(config.hidden_size, eps)
+            self.self_attn = DeciLMAttention(config, heads[0], heads[1], self.parallel, cache_index)
+        if self.has_ffn:
+            self.post_attention_layernorm = DeciLMRMSNorm(config.hidden_size, eps)
+            self.mlp = DeciLMMLP(config, block_ffn_width(block, config.hidden_size), self.parallel)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        if self.parallel > 1:
+            return self._forward_parallel(hidden_states, position_embeddings, attention_mask, past_key_values)
+        if self.has_attention:
+            attn = self.self_attn.attend(
+                self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values
+            )
+            hidden_states = hidden_states + self.self_attn.o_proj(attn)
+        if self.has_ffn:
+            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states
+
+    def _forward_parallel(self, x, position_embeddings, attention_mask, past_key_values) -> torch.Tensor:
+        # Every member reads x; member p's attention output a_p feeds its own FFN (y_p = x + a_p), and the block
+        # adds the sum of all members' residual contributions. Norm weights are folded, so the norms are unit.
+        bsz, seq, hidden = x.shape
+        p = self.parallel
+        attn = self.self_attn.attend(rms_normalize(x, self.eps), position_embeddings, attention_mask, past_key_values)
+        o_weight = self.self_attn.o_proj.weight.view(hidden, p, -1)
+        members = torch.einsum("btpd,hpd->btph", attn.view(bsz, seq, p, -1), o_weight)
+        ffn_in = rms_normalize(x.unsqueeze(2) + members, self.eps)
+        return x + members.sum(2) + self.mlp.forward_members(ffn_in)
+
+
+class DeciLMPreTrainedModel(PreTrainedModel):
+    config_class = DeciLMConfig
+    config: DeciLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeciLMDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (DeciLMRMSNorm, DeciLMQKNorm)):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, DeciLMRotaryEmbedding):
+            fresh = DeciLMRotaryEmbedding(self.config)
+            module.inv_freq.copy_(fresh.inv_freq.to(module.inv_freq.device))
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, query_len: int, past_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean [batch, 1, query, keys] mask (True = attend), or None when SDPA's own causal path suffices."""
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past_len == 0 or query_len == 1):
+        return None
+    kv_len = past_len + query_len
+    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if padded:
+        mask = mask & attention_mask[:, None, None, -kv_len:].bool()
+        # A padding query would have every key masked (NaN in SDPA); let it see itself, its output is ignored.
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class DeciLMModel(DeciLMPreTrainedModel):
+    def __init__(self, config: DeciLMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        layers, cache_index = [], 0
+        for i, block in enumerate(config.block_configs):
+            layers.append(DeciLMDecoderLayer(config, i, cache_index))
+            cache_index += config.attention_heads(block) is not None
+        self.layers = nn.ModuleList(layers)
+        self.norm = DeciLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = DeciLMRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        bsz, seq, _ = inputs_embeds.shape
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                # Left padding: positions count real tokens only, as transformers' Llama does in generate().
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq, device=inputs_embeds.device)[None]
+        mask = build_attention_mask(attention_mask, seq, past_len, inputs_embeds.device)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, position_embeddings, mask, past_key_values
+                )
+            else:
+                hidden_states = layer(hidden_states, position_embeddings, mask, past_key_values)
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden[-1] = hidden_states
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{_CACHE_FIELD: past_key_values if use_cache else None},
+        )
+
+
+class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeciLMConfig):
+        super().__init__(config)
+        self.model = DeciLMModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            cache_position=cache_position,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+        )

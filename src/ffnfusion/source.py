@@ -1,0 +1,130 @@
+"""Opening the model a user points at: a Hugging Face hub id, a local folder (safetensors), or a .gguf file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from ffnfusion.adapters import adapter_for
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class ModelSourceError(ValueError):
+    """MODEL does not name a model ffnfusion can open."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}: use one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+@dataclass
+class ModelSource:
+    """Where a model lives, resolved once: `folder` holds config/tokenizer, `gguf_file` names a GGUF inside it."""
+
+    spec: str
+    folder: Path
+    gguf_file: str | None = None
+    _state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def config(self) -> Any:
+        return AutoConfig.from_pretrained(self.folder, **self.load_kwargs)
+
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The model's tokenizer, or None when the folder has none (weights-only checkpoints)."""
+        try:
+            return AutoTokenizer.from_pretrained(self.folder, **self.load_kwargs)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    @property
+    def is_fused_checkpoint(self) -> bool:
+        config = self.folder / "config.json"
+        return not self.gguf_file and config.is_file() and "block_configs" in json.loads(config.read_text())
+
+    def tensor_getter(self, dtype: torch.dtype | None = None) -> Callable[[str], torch.Tensor]:
+        """name -> tensor, reading safetensors lazily where the model is stored that way."""
+        files = sorted(self.folder.glob("*.safetensors")) if not self.gguf_file else []
+        if files:
+            from ffnfusion.checkpoint import LazySafetensors
+
+            lazy = LazySafetensors(self.folder)
+            return lambda name: lazy.get(name) if dtype is None else lazy.get(name).to(dtype)
+        if self._state is None:
+            model = load_model(self, dtype or torch.float32)
+            self._state = {k: v.detach() for k, v in model.state_dict().items()}
+            del model
+        state = self._state
+
+        def get(name: str) -> torch.Tensor:
+            if name not in state:
+                raise KeyError(f"{self.spec} has no tensor {name!r}")
+            return state[name]
+
+        return get
+
+
+def resolve_model(spec: str | Path) -> ModelSource:
+    """Turn a user's MODEL argument into a ModelSource, with a clear error when it names nothing usable."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file not found: {path}")
+        return ModelSource(spec, path.resolve().parent, path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(spec, path.resolve(), ggufs[0].name)
+            raise ModelSourceError(
+                f"{path} has no config.json: point MODEL at a Hugging Face model folder or a .gguf file."
+            )
+        return ModelSource(spec, path.resolve())
+    if path.exists():
+        raise ModelSourceError(f"{path} is neither a model folder nor a .gguf file.")
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelSourceError(f"Model not found: {spec} (no such folder or file, and not a hub id like org/name).")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.py"]
+        )
+    except Exception as e:  # the hub client raises many types; the user needs the id and the reason
+        raise ModelSourceError(f"Could not download {spec!r} from the Hugging Face hub: {e}") from None
+    return ModelSource(spec, Path(folder))
+
+
+def load_model(
+    source: ModelSource | str, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """An eval-mode causal LM: the original family's transformers class, or DeciLM for fused checkpoints."""
+    import ffnfusion.modeling  # noqa: F401  (registers DeciLM with the Auto classes)
+
+    source = resolve_model(source) if isinstance(source, str) else source
+    if not source.is_fused_checkpoint:
+        adapter_for(source.config())
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=parse_dtype(dtype), **source.load_kwargs)
+    return model.to(device).eval()
