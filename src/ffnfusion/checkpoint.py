@@ -47,7 +47,7 @@ class LazySafetensors:
                 raise CheckpointError(f"{self.folder} holds no .safetensors files.")
             weight_map = {}
             for f in files:
-                for name in self._open(f.name).keys():
+                for name in self._open(f.name):
                     weight_map[name] = f.name
         missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
         if missing:
@@ -163,7 +163,7 @@ def write_fused_checkpoint(
     max_shard_bytes: int = 5 * 2**30,
     extra_files: dict[str, str] | None = None,
 ) -> int:
-    """Write a complete loadable checkpoint into `folder` (use inside atomic_output_dir). Returns the parameter count."""
+    """Write a complete loadable checkpoint into `folder` (inside atomic_output_dir); returns the parameter count."""
     params = write_safetensors(folder, tensors, max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(config_json(config_kwargs), indent=2) + "\n")
     shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)

@@ -9,6 +9,7 @@ Indices are 0-based layers of the ORIGINAL model. Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,7 @@ def validate_plan(
             check_range(label, group)
             if len(group) < 2:
                 problems.append(f"{label}: a group needs at least 2 layers (a group of one changes nothing)")
-            if any(b != a + 1 for a, b in zip(group, group[1:])):
+            if any(b != a + 1 for a, b in itertools.pairwise(group)):
                 problems.append(f"{label}: layers must be consecutive and ascending, e.g. [{group[0]}, {group[0] + 1}]")
             for i in group:
                 if i in owner:

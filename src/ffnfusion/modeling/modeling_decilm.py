@@ -225,7 +225,7 @@ class DeciLMQKNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor, parallel: int) -> torch.Tensor:
-        bsz, seq, heads, hd = x.shape
+        _bsz, _seq, heads, hd = x.shape
         normed = rms_normalize(x, self.variance_epsilon)
         weight = self.weight.view(parallel, 1, hd).expand(parallel, heads // parallel, hd).reshape(heads, hd)
         return weight * normed
@@ -390,7 +390,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
-        bsz, seq, _ = inputs_embeds.shape
+        _bsz, seq, _ = inputs_embeds.shape
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             if attention_mask is not None and not bool(attention_mask.all()):
