@@ -1,0 +1,185 @@
+"""Calibration, healing and evaluation text: files, folders, jsonl, parquet, `datasets` names, or `self`.
+
+`self` means text sampled from the model itself (cached to disk), so analysis needs no dataset at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TEXT_SUFFIXES = {".txt", ".raw", ".md", ".text", ""}
+TABLE_SUFFIXES = {".jsonl", ".json", ".parquet"}
+
+
+class DataError(ValueError):
+    """Text data that is missing, unreadable, empty, or too short for what was asked."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FFNFUSION_CACHE", Path.home() / ".cache" / "ffnfusion"))
+
+
+def _read_table(path: Path, text_field: str) -> list[str]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError("Reading parquet needs pyarrow: pip install pyarrow") from None
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise DataError(f"{path} has no column {text_field!r} (columns: {table.column_names}); use --text-field.")
+        return [t for t in table.column(text_field).to_pylist() if t]
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n} is not valid JSON ({e}).") from None
+            if not isinstance(row, dict) or text_field not in row:
+                raise DataError(f"{path}:{n} has no field {text_field!r}; use --text-field to name the text field.")
+            rows.append(str(row[text_field]))
+    return rows
+
+
+def _read_file(path: Path, text_field: str) -> list[str]:
+    if path.suffix in TABLE_SUFFIXES:
+        return _read_table(path, text_field)
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text.") from None
+
+
+def load_texts(spec: str | Path, text_field: str = "text") -> list[str]:
+    """Documents from a file, a folder (recursively: .txt/.raw/.md/.jsonl/.parquet), or a `datasets` name.
+
+    A datasets name is `name[:config][@split]`, e.g. `wikitext:wikitext-2-raw-v1@train`; it needs the hub.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file():
+        texts = _read_file(path, text_field)
+    elif path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and (p.suffix in TABLE_SUFFIXES or p.suffix in TEXT_SUFFIXES)
+        )
+        if not files:
+            raise DataError(f"{path} holds no text files (.txt, .raw, .md, .jsonl, .parquet).")
+        texts = [t for f in files for t in _read_file(f, text_field)]
+    elif str(spec).startswith((".", "/", "~")) or Path(spec).suffix in TABLE_SUFFIXES | {".txt", ".raw"}:
+        raise DataError(f"Data file not found: {spec}")
+    else:
+        texts = _load_dataset(str(spec), text_field)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"{spec} contains no text.")
+    return texts
+
+
+def _load_dataset(spec: str, text_field: str) -> list[str]:
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec!r} is not a file or folder, and the `datasets` package is not installed.") from None
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:  # datasets raises many types (connection, missing config); the user needs the reason
+        raise DataError(f"{spec!r} is not a file or folder, and loading it as a dataset failed: {e}") from None
+    if text_field not in ds.column_names:
+        raise DataError(f"dataset {spec!r} has no column {text_field!r} (columns: {ds.column_names}).")
+    return [t for t in ds[text_field] if t]
+
+
+def tokenize_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """All documents as one token stream, separated by EOS, as a 1-D LongTensor."""
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(sep)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int, source: str = "data") -> torch.Tensor:
+    """`samples` non-overlapping windows of `seq_len` tokens, chosen at random with `seed`: [samples, seq_len]."""
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2 (got {seq_len}).")
+    available = stream.numel() // seq_len
+    if available < samples:
+        raise DataError(
+            f"{source} has {stream.numel()} tokens, enough for {available} sequences of {seq_len} tokens, but "
+            f"{samples} were asked for: use more text, fewer --samples or a shorter --seq-len."
+        )
+    windows = stream[: available * seq_len].view(available, seq_len)
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:samples]
+    return windows[order.sort().values].clone()
+
+
+@torch.no_grad()
+def self_generated_texts(
+    model: Any, tokenizer: Any, samples: int, seq_len: int, seed: int, cache_dir: Path | None = None, key: str = ""
+) -> list[str]:
+    """Text sampled from the model itself (temperature 1 from BOS), cached on disk under a key of the settings."""
+    cache_dir = Path(cache_dir or default_cache_dir()) / "self_text"
+    digest = hashlib.sha256(f"{key}|{samples}|{seq_len}|{seed}".encode()).hexdigest()[:16]
+    cache = cache_dir / f"{digest}.jsonl"
+    if cache.is_file():
+        return [json.loads(line)["text"] for line in cache.read_text().splitlines()]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    texts: list[str] = []
+    batch = 16
+    for first in range(0, samples, batch):
+        n = min(batch, samples - first)
+        prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+        out = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=tokenizer.eos_token_id,
+        )
+        texts.extend(tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tmp.rename(cache)
+    return texts
+
+
+def calibration_tokens(
+    spec: str,
+    tokenizer: Any,
+    samples: int,
+    seq_len: int,
+    seed: int = 0,
+    model: Any | None = None,
+    model_key: str = "",
+    text_field: str = "text",
+    cache_dir: Path | None = None,
+) -> torch.Tensor:
+    """[samples, seq_len] token ids from `spec` (a path, a datasets name, or `self`)."""
+    if spec == "self":
+        if model is None:
+            raise DataError("--data self needs the model to sample text from.")
+        # Sample a little more than needed: re-tokenizing decoded text rarely gives back exactly seq_len tokens.
+        texts = self_generated_texts(model, tokenizer, samples, seq_len + seq_len // 4, seed, cache_dir, model_key)
+        rows = []
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) >= seq_len:
+                rows.append(ids[:seq_len])
+        if len(rows) < samples:
+            stream = tokenize_stream(tokenizer, texts)
+            return token_windows(stream, samples, seq_len, seed, "self-generated text")
+        return torch.tensor(rows[:samples], dtype=torch.long)
+    stream = tokenize_stream(tokenizer, load_texts(spec, text_field))
+    return token_windows(stream, samples, seq_len, seed, str(spec))
