@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
 
+from conftest import tiny_model
 from ffnfusion.evaluate import EvalError, fidelity, perplexity, sliding_windows
 
 
