@@ -22,10 +22,6 @@ from ffnfusion.modeling import modeling_decilm
 from ffnfusion.modeling.modeling_decilm import DeciLMConfig
 
 MODELING_FILE = Path(modeling_decilm.__file__)
-AUTO_MAP = {
-    "AutoConfig": "modeling_decilm.DeciLMConfig",
-    "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
-}
 
 
 class CheckpointError(ValueError):
@@ -47,7 +43,7 @@ class LazySafetensors:
                 raise CheckpointError(f"{self.folder} holds no .safetensors files.")
             weight_map = {}
             for f in files:
-                for name in self._open(f.name):
+                for name in self._open(f.name).keys():  # noqa: SIM118 (safe_open is not iterable)
                     weight_map[name] = f.name
         missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
         if missing:
@@ -81,17 +77,8 @@ class LazySafetensors:
 
 
 def config_json(config_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """config.json content for a fused model: DeciLM keys engines read, plus auto_map for trust_remote_code."""
-    config = DeciLMConfig(**config_kwargs)
-    data = config.to_dict()
-    data["architectures"] = ["DeciLMForCausalLM"]
-    data["auto_map"] = dict(AUTO_MAP)
-    data["num_hidden_layers"] = len(config.block_configs)
-    # Engines' converters read the legacy top-level keys (older ones ignore rope_parameters and silently fall
-    # back to theta 10000), while transformers 5 writes only rope_parameters: write both.
-    data["rope_theta"] = float(config_kwargs["rope_theta"])
-    data["rope_scaling"] = config_kwargs.get("rope_scaling")
-    return data
+    """config.json content for a fused model (DeciLMConfig.to_dict adds the keys engines and auto_map need)."""
+    return DeciLMConfig(**config_kwargs).to_dict()
 
 
 @contextmanager
@@ -174,3 +161,33 @@ def write_fused_checkpoint(
     for name, text in (extra_files or {}).items():
         (folder / name).write_text(text)
     return params
+
+
+def verify_fused_checkpoint(folder: str | Path) -> None:
+    """Raise CheckpointError when a fused checkpoint's tensors disagree with what its config.json describes."""
+    from ffnfusion.modeling.modeling_decilm import DeciLMForCausalLM
+
+    folder = Path(folder)
+    config = DeciLMConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in DeciLMForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    lazy = LazySafetensors(folder)
+    found = {}
+    for name in lazy.keys():
+        handle = lazy._open(lazy.weight_map[name])
+        found[name] = tuple(handle.get_slice(name).get_shape())
+    problems = [f"missing tensor {k}" for k in sorted(expected.keys() - found.keys())]
+    problems += [f"unexpected tensor {k}" for k in sorted(found.keys() - expected.keys() - {"lm_head.weight"})]
+    problems += [
+        f"{k} has shape {list(found[k])}, config.json implies {list(v)}"
+        for k, v in expected.items()
+        if k in found and found[k] != v
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(
+            f"{folder}: the weights do not match config.json ({shown}). The config was edited or the weights "
+            "come from another model: re-run `ffnfusion fuse` to write a consistent checkpoint."
+        )

@@ -124,7 +124,11 @@ def load_model(
     import ffnfusion.modeling  # noqa: F401  (registers DeciLM with the Auto classes)
 
     source = resolve_model(source) if isinstance(source, str) else source
-    if not source.is_fused_checkpoint:
+    if source.is_fused_checkpoint:
+        from ffnfusion.checkpoint import verify_fused_checkpoint
+
+        verify_fused_checkpoint(source.folder)
+    else:
         adapter_for(source.config())
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=parse_dtype(dtype), **source.load_kwargs)
     return model.to(device).eval()

@@ -14,6 +14,9 @@
 # the projections, so their norms have unit weight.
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,7 +81,10 @@ class DeciLMConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
+        # transformers 5 keeps RoPE settings in `rope_parameters` (and aliases `rope_scaling` to it, with a
+        # warning); engines read the legacy `rope_theta`/`rope_scaling` keys, which config.json also carries.
+        rope = kwargs.pop("rope_parameters", None) or {"rope_type": "default", **(rope_scaling or {})}
+        self.rope_parameters = {**rope, "rope_theta": rope_theta}
         self.attention_bias = attention_bias  # bias on q/k/v/o (Llama's meaning)
         self.qkv_bias = qkv_bias  # bias on q/k/v only (Qwen2); ffnfusion extension
         self.mlp_bias = mlp_bias
@@ -89,6 +95,22 @@ class DeciLMConfig(PretrainedConfig):
         self.source_model_type = source_model_type
         kwargs.pop("num_hidden_layers", None)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        # Keys that vLLM / TensorRT-LLM / llama.cpp converters read, whatever transformers version writes the file:
+        # legacy top-level RoPE keys (older converters ignore rope_parameters and fall back to theta 10000),
+        # num_hidden_layers == len(block_configs), and auto_map so trust_remote_code finds this file.
+        rope = dict(self.rope_parameters or {})
+        data["rope_theta"] = float(rope.pop("rope_theta", self.rope_theta))
+        data["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+        data["num_hidden_layers"] = len(self.block_configs)
+        data["architectures"] = ["DeciLMForCausalLM"]
+        data["auto_map"] = {
+            "AutoConfig": "modeling_decilm.DeciLMConfig",
+            "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+        }
+        return data
 
     def attention_heads(self, block: dict) -> tuple[int, int] | None:
         """(query heads, KV heads) of one member layer of a block, or None for a no-op attention."""
@@ -122,7 +144,7 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 class DeciLMRotaryEmbedding(nn.Module):
     def __init__(self, config: DeciLMConfig):
         super().__init__()
-        scaling = dict(config.rope_scaling or {})
+        scaling = dict(config.rope_parameters or {})
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type == "default":
             dim = config.head_dim
@@ -437,6 +459,13 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        # The checkpoint carries this file so `trust_remote_code=True` loads it where ffnfusion is not installed.
+        target = os.path.join(save_directory, "modeling_decilm.py")
+        if kwargs.get("is_main_process", True) and os.path.abspath(__file__) != os.path.abspath(target):
+            shutil.copyfile(__file__, target)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
