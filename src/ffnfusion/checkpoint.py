@@ -175,7 +175,7 @@ def verify_fused_checkpoint(folder: str | Path) -> None:
         expected.pop("lm_head.weight", None)
     lazy = LazySafetensors(folder)
     found = {}
-    for name in lazy.keys():
+    for name in lazy.weight_map:
         handle = lazy._open(lazy.weight_map[name])
         found[name] = tuple(handle.get_slice(name).get_shape())
     problems = [f"missing tensor {k}" for k in sorted(expected.keys() - found.keys())]
