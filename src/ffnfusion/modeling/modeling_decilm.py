@@ -415,11 +415,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
         _bsz, seq, _ = inputs_embeds.shape
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                # Left padding: positions count real tokens only, as transformers' Llama does in generate().
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-            else:
-                position_ids = torch.arange(past_len, past_len + seq, device=inputs_embeds.device)[None]
+            # As in transformers' Llama: generate() passes padding-aware positions; a plain forward counts from 0.
+            position_ids = torch.arange(past_len, past_len + seq, device=inputs_embeds.device)[None]
         mask = build_attention_mask(attention_mask, seq, past_len, inputs_embeds.device)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
