@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ffnfusion.adapters import adapter_for
-from ffnfusion.checkpoint import atomic_output_dir, write_fused_checkpoint
+from ffnfusion.checkpoint import TensorInfo, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.modeling.modeling_decilm import block_ffn_width
 from ffnfusion.plan import ENGINE_WIDTH_MULTIPLE, Plan, plan_blocks, sequential_sub_blocks
 from ffnfusion.source import ModelSource, ModelSourceError, parse_dtype, resolve_model
@@ -108,7 +108,12 @@ def fuse(
     widths_ok = all(block_ffn_width(b, base["hidden_size"]) % ENGINE_WIDTH_MULTIPLE == 0 for b in base["block_configs"])
     # Only insist on engine-readable fused widths when the original model itself is engine-readable.
     new_config = fused_config(base, plan, require_engine_widths=widths_ok and not allow_any_width)
-    get = source.tensor_getter(parse_dtype(dtype) if dtype else None)
+    cast = parse_dtype(dtype) if dtype else None
+    # Every output tensor's name, shape and dtype, from the surgery itself run on meta tensors: only shard headers
+    # are read, a missing or mis-shaped tensor fails here before anything is written, and the writer can lay out
+    # each shard up front and stream one tensor at a time.
+    infos = [TensorInfo.of(name, t) for name, t in fused_tensors(base, plan, source.tensor_getter(cast, meta=True))]
+    get = source.tensor_getter(cast)
     tokenizer = source.tokenizer()
     with atomic_output_dir(out, overwrite) as tmp:
         params = write_fused_checkpoint(
@@ -116,8 +121,10 @@ def fuse(
             new_config,
             fused_tensors(base, plan, get),
             tokenizer,
+            generation_config=source.generation_config(),
             max_shard_bytes=max_shard_bytes,
             extra_files={"ffnfusion_plan.json": plan.model_dump_json(indent=2) + "\n"},
+            infos=infos,
         )
     num_layers = len(base["block_configs"])
     return FuseSummary(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from ffnfusion.adapters import adapter_for
 
@@ -43,6 +43,7 @@ class ModelSource:
     folder: Path
     gguf_file: str | None = None
     _state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _lazy: Any = field(default=None, repr=False)
 
     @property
     def load_kwargs(self) -> dict[str, Any]:
@@ -58,19 +59,31 @@ class ModelSource:
         except (OSError, ValueError, TypeError):
             return None
 
+    def generation_config(self) -> GenerationConfig:
+        """The model's generation defaults (EOS, sampling settings), derived from its config when it has none."""
+        try:
+            return GenerationConfig.from_pretrained(self.folder, **self.load_kwargs)
+        except (OSError, ValueError):
+            return GenerationConfig.from_model_config(self.config())
+
     @property
     def is_fused_checkpoint(self) -> bool:
         config = self.folder / "config.json"
         return not self.gguf_file and config.is_file() and "block_configs" in json.loads(config.read_text())
 
-    def tensor_getter(self, dtype: torch.dtype | None = None) -> Callable[[str], torch.Tensor]:
-        """name -> tensor, reading safetensors lazily where the model is stored that way."""
+    def tensor_getter(self, dtype: torch.dtype | None = None, meta: bool = False) -> Callable[[str], torch.Tensor]:
+        """name -> tensor, reading safetensors lazily (one tensor at a time) where the model is stored that way.
+
+        With meta=True the tensors are meta tensors (shape and dtype only); from safetensors only headers are read.
+        """
         files = sorted(self.folder.glob("*.safetensors")) if not self.gguf_file else []
         if files:
             from ffnfusion.checkpoint import LazySafetensors
 
-            lazy = LazySafetensors(self.folder)
-            return lambda name: lazy.get(name) if dtype is None else lazy.get(name).to(dtype)
+            if self._lazy is None:
+                self._lazy = LazySafetensors(self.folder)
+            read = self._lazy.meta if meta else self._lazy.get
+            return read if dtype is None else lambda name: read(name).to(dtype)
         if self._state is None:
             model = load_model(self, dtype or torch.float32)
             self._state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -80,7 +93,7 @@ class ModelSource:
         def get(name: str) -> torch.Tensor:
             if name not in state:
                 raise KeyError(f"{self.spec} has no tensor {name!r}")
-            return state[name]
+            return torch.empty_like(state[name], device="meta") if meta else state[name]
 
         return get
 
