@@ -7,10 +7,12 @@ complete, so an interrupted run never leaves a half-written model under the fina
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +26,71 @@ from ffnfusion.modeling.modeling_decilm import DeciLMConfig
 MODELING_FILE = Path(modeling_decilm.__file__)
 
 
+INDEX_NAME = "model.safetensors.index.json"
+
+# torch dtype -> safetensors dtype code, in the order safetensors' serializer lays a file's tensors out (descending
+# order of its Dtype enum, then by name): writing the same order is what makes streamed files byte-identical.
+_DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.uint64: "U64",
+    torch.int64: "I64",
+    torch.float64: "F64",
+    torch.complex64: "C64",
+    torch.float32: "F32",
+    torch.uint32: "U32",
+    torch.int32: "I32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.uint16: "U16",
+    torch.int16: "I16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_DTYPE_CODES)}
+_DTYPE_FROM_CODE = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
 class CheckpointError(ValueError):
     """A checkpoint on disk is missing files, truncated, or disagrees with its own index or config."""
 
 
+def _safe_open(path: Path) -> Any:
+    # The mmap backend hands out tensors that share the mapping, and every page touched stays in this process's RSS
+    # while the file is mapped (safetensors 0.8 keeps it mapped after the handle is closed), so streaming a model
+    # larger than RAM would report, and under pressure cost, the whole model. pread(2) gives ordinary memory that is
+    # freed with the tensor. Releases before 0.8 have only mmap.
+    try:
+        return safe_open(path, framework="pt", backend="pread")
+    except TypeError:
+        return safe_open(path, framework="pt")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a valid index file ({e}): download or write it again.") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index} has no 'weight_map' of tensor name -> shard file: download or write it again.")
+    return weight_map
+
+
 class LazySafetensors:
-    """name -> tensor over one or many safetensors files, opening each shard only when a tensor in it is asked for."""
+    """name -> tensor over one or many safetensors files, reading one tensor at a time.
+
+    Every shard's header is read and checked against the index on construction, so a missing or truncated shard,
+    or an index naming a tensor its shard lacks, is reported before any work is done. Tensor data is read only in
+    `get`, into memory owned by the returned tensor (nothing stays resident once the caller drops it).
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self._handles: dict[str, Any] = {}
-        index = self.folder / "model.safetensors.index.json"
+        index = self.folder / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_index(index)
         else:
             files = sorted(self.folder.glob("*.safetensors"))
             if not files:
@@ -45,15 +99,29 @@ class LazySafetensors:
             for f in files:
                 for name in self._open(f.name).keys():  # noqa: SIM118 (safe_open is not iterable)
                     weight_map[name] = f.name
-        missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
+        by_file: dict[str, list[str]] = {}
+        for name, filename in weight_map.items():
+            by_file.setdefault(filename, []).append(name)
+        missing = sorted(f for f in by_file if not (self.folder / f).is_file())
         if missing:
-            raise CheckpointError(f"{self.folder}: shards named in the index are missing: {', '.join(missing)}")
+            raise CheckpointError(
+                f"{self.folder}: shards named in {INDEX_NAME} are missing: {', '.join(missing)}. "
+                "Download or copy the complete checkpoint."
+            )
+        for filename, names in by_file.items():
+            present = set(self._open(filename).keys())
+            if lacking := [n for n in names if n not in present]:
+                shown = ", ".join(lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
+                raise CheckpointError(
+                    f"{index} places {len(lacking)} tensor(s) in {filename} that the shard does not hold ({shown}); "
+                    "the index and the shards come from different versions: download or write the checkpoint again."
+                )
         self.weight_map: dict[str, str] = weight_map
 
     def _open(self, filename: str) -> Any:
         if filename not in self._handles:
             try:
-                self._handles[filename] = safe_open(self.folder / filename, framework="pt")
+                self._handles[filename] = _safe_open(self.folder / filename)
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(
                     f"{self.folder / filename} is not a readable safetensors file ({e}); "
@@ -64,16 +132,24 @@ class LazySafetensors:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str) -> Any:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.folder}: no tensor named {name!r} in the checkpoint.")
-        handle = self._open(self.weight_map[name])
+        return self._open(self.weight_map[name])
+
+    def get(self, name: str) -> torch.Tensor:
         try:
-            return handle.get_tensor(name)
+            return self._handle(name).get_tensor(name)
         except SafetensorError as e:
-            raise CheckpointError(
-                f"{self.folder / self.weight_map[name]}: tensor {name!r} named in the index is not in the shard ({e})."
-            ) from None
+            raise CheckpointError(f"{self.folder / self.weight_map[name]}: cannot read {name!r} ({e}).") from None
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta tensor with `name`'s shape and dtype, from the shard header alone."""
+        view = self._handle(name).get_slice(name)
+        code = view.get_dtype()
+        if code not in _DTYPE_FROM_CODE:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} has dtype {code}, which ffnfusion cannot process.")
+        return torch.empty(view.get_shape(), dtype=_DTYPE_FROM_CODE[code], device="meta")
 
 
 def config_json(config_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -81,14 +157,31 @@ def config_json(config_kwargs: dict[str, Any]) -> dict[str, Any]:
     return DeciLMConfig(**config_kwargs).to_dict()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False):
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out`. Refuses a non-empty `out` unless overwrite."""
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    prefix = f".{out.name}.partial-"
+    # A run killed with SIGKILL (or by the OOM killer) cannot clean up, and its partial folder may hold hundreds of
+    # GB: remove those left by processes that no longer exist.
+    for stale in out.parent.iterdir():
+        pid = stale.name[len(prefix) :]
+        if stale.name.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f"{prefix}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -103,11 +196,81 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_safetensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> int:
-    """Write tensors into shards of at most max_shard_bytes (plus an index when there are several).
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a checkpoint writer needs to know about a tensor before its data exists."""
 
-    Tensors arrive one block at a time, so a shard is flushed as soon as it is full and never more than one
-    shard is held in memory. Returns the number of parameters written.
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorInfo:
+        return cls(name, tuple(tensor.shape), tensor.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def safetensors_header(infos: Iterable[TensorInfo], metadata: dict[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """The bytes safetensors' serializer puts before the data, and the file offset of each tensor's data.
+
+    Mirrors the serializer: tensors ordered by dtype (its enum order, descending) then name; compact JSON with
+    `__metadata__` first; padded with spaces so the data starts 8-byte aligned.
+    """
+    infos = list(infos)
+    if unknown := sorted({str(i.dtype) for i in infos if i.dtype not in _DTYPE_CODES}):
+        raise ValueError(f"safetensors cannot store dtypes {unknown}.")
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+    starts: dict[str, int] = {}
+    pos = 0
+    for info in sorted(infos, key=lambda i: (_DTYPE_RANK[i.dtype], i.name)):
+        header[info.name] = {
+            "dtype": _DTYPE_CODES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [pos, pos + info.nbytes],
+        }
+        starts[info.name] = pos
+        pos += info.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    prefix = len(text).to_bytes(8, "little") + text
+    return prefix, {name: len(prefix) + start for name, start in starts.items()}
+
+
+def plan_shards(infos: Iterable[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
+    """Tensors split in stream order into shards of at most max_shard_bytes (a larger tensor gets a shard alone)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def shard_file_name(index: int, total: int) -> str:
+    return "model.safetensors" if total == 1 else f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def _write_index(folder: Path, weight_map: dict[str, str], params: int) -> None:
+    index = {"metadata": {"total_parameters": params}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def write_safetensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> int:
+    """The in-memory writer: shards of at most max_shard_bytes, each saved with safetensors' own save_file.
+
+    Holds up to one shard in memory. stream_safetensors writes the same bytes holding one tensor at a time; this
+    writer is the reference it is tested against and the fallback when tensor shapes are not known up front.
+    Returns the number of parameters written.
     """
     shards: list[dict[str, str]] = []
     current: dict[str, torch.Tensor] = {}
@@ -132,12 +295,66 @@ def write_safetensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]],
     total = len(shards)
     weight_map = {}
     for i, shard in enumerate(shards):
-        final = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        (folder / next(iter(shard.values()))).rename(folder / final)
+        final = shard_file_name(i, total)
+        (folder / f"shard-{i:05d}.safetensors.tmp").rename(folder / final)
         weight_map.update({k: final for k in shard})
     if total > 1:
-        index = {"metadata": {"total_parameters": params}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        _write_index(folder, weight_map, params)
+    return params
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    # One write(2) moves at most ~2 GiB on Linux, less than a 70B model's embedding: loop until all is written.
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> Any:
+    # Raw little-endian bytes without a copy when the tensor is already contiguous on the CPU (numpy has no bfloat16,
+    # hence the uint8 view).
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def stream_safetensors(
+    folder: Path, infos: Sequence[TensorInfo], tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int
+) -> int:
+    """Write `tensors`, which must arrive in the order and with the shapes of `infos`, holding one at a time.
+
+    Shards, headers and offsets are fixed from `infos` before any data exists, so each tensor goes straight to its
+    place in its shard file: the files are byte-identical to write_safetensors' for the same stream.
+    Returns the number of parameters written.
+    """
+    shards = plan_shards(infos, max_shard_bytes)
+    stream = iter(tensors)
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards):
+        filename = shard_file_name(i, len(shards))
+        header, starts = safetensors_header(shard, {"format": "pt"})
+        fd = os.open(folder / filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite_all(fd, header, 0)
+            for info in shard:
+                item = next(stream, None)
+                if item is None:
+                    raise RuntimeError(f"the tensor stream ended before {info.name!r}, which the plan of tensors names")
+                name, tensor = item
+                del item
+                if TensorInfo.of(name, tensor) != info:
+                    raise RuntimeError(f"the tensor stream gave {TensorInfo.of(name, tensor)}, expected {info}")
+                _pwrite_all(fd, _tensor_bytes(tensor), starts[name])
+                # Drop the reference now: otherwise it lives on while the next (possibly large) tensor is computed.
+                del tensor
+                weight_map[name] = filename
+        finally:
+            os.close(fd)
+    if (extra := next(stream, None)) is not None:
+        raise RuntimeError(f"the tensor stream gave {extra[0]!r} after every tensor the plan of tensors names")
+    params = sum(info.numel for info in infos)
+    if len(shards) > 1:
+        _write_index(folder, weight_map, params)
     return params
 
 
@@ -149,9 +366,17 @@ def write_fused_checkpoint(
     generation_config: Any | None = None,
     max_shard_bytes: int = 5 * 2**30,
     extra_files: dict[str, str] | None = None,
+    infos: Sequence[TensorInfo] | None = None,
 ) -> int:
-    """Write a complete loadable checkpoint into `folder` (inside atomic_output_dir); returns the parameter count."""
-    params = write_safetensors(folder, tensors, max_shard_bytes)
+    """Write a complete loadable checkpoint into `folder` (inside atomic_output_dir); returns the parameter count.
+
+    With `infos` (every tensor's name, shape and dtype, in stream order) the weights are streamed one tensor at a
+    time; without, up to one shard is held in memory.
+    """
+    if infos is None:
+        params = write_safetensors(folder, tensors, max_shard_bytes)
+    else:
+        params = stream_safetensors(folder, infos, tensors, max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(config_json(config_kwargs), indent=2) + "\n")
     shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)
     if tokenizer is not None:

@@ -62,7 +62,9 @@ def fused_config(config: dict[str, Any], plan: Plan, require_engine_widths: bool
 
 def _fold(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """W diag(g): RMSNorm's per-channel weight moved into the projection that reads it."""
-    return (weight.float() * norm.float()[None, :]).to(weight.dtype)
+    # The same fp32 product as `weight.float() * norm`, without a second fp32 temporary; copy=True because float()
+    # of an fp32 weight is the caller's own tensor.
+    return weight.to(torch.float32, copy=True).mul_(norm.float()[None, :]).to(weight.dtype)
 
 
 def _ones_like(norm: torch.Tensor) -> torch.Tensor:
