@@ -51,12 +51,14 @@ def _read_table(path: Path, text_field: str) -> list[str]:
 
 
 def _read_file(path: Path, text_field: str) -> list[str]:
-    if path.suffix in TABLE_SUFFIXES:
-        return _read_table(path, text_field)
     try:
+        if path.suffix in TABLE_SUFFIXES:
+            return _read_table(path, text_field)
         return [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text.") from None
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or e}); check that it exists and is readable.") from None
 
 
 def load_texts(spec: str | Path, text_field: str = "text") -> list[str]:
