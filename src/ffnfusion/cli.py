@@ -32,6 +32,189 @@ def fail(error: BaseException) -> None:
 
 
 @app.command()
+def analyze(
+    model: Annotated[str, typer.Argument(help="original model: hub id, local folder, or .gguf file")],
+    out: Annotated[Path, typer.Option(help="output folder: analysis.json and heatmap PNGs")],
+    data: Annotated[
+        str, typer.Option(help="calibration text: file, folder, .jsonl, .parquet, datasets name, or `self`")
+    ] = "self",
+    samples: Annotated[int, typer.Option(help="calibration sequences")] = 64,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
+    seed: Annotated[int, typer.Option(help="chooses the sequences (and seeds `self` sampling)")] = 0,
+    text_field: Annotated[str, typer.Option(help="text column of .jsonl/.parquet/datasets")] = "text",
+    remove_attention: Annotated[
+        str | None, typer.Option(help="measure with these attention sub-blocks removed, e.g. 12,13,20-23")
+    ] = None,
+    plan: Annotated[Path | None, typer.Option(help="measure with this plan's remove_attention applied")] = None,
+    max_window: Annotated[int, typer.Option(help="longest window (layers) of the window scores")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 where native), float32, bfloat16, float16")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="sequences per batch (default: 16 on GPU, 8 on CPU)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+) -> None:
+    """Measure sub-block statistics, attention importance (KL) and FFN/block dependency matrices; draw heatmaps."""
+    from ffnfusion.analysis import analyze as run_analyze
+
+    try:
+        result = run_analyze(
+            model,
+            out,
+            data=data,
+            samples=samples,
+            seq_len=seq_len,
+            seed=seed,
+            text_field=text_field,
+            remove_attention=remove_attention,
+            plan=plan,
+            max_window=max_window,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            overwrite=overwrite,
+            show_progress=True,
+            log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+        )
+    except USER_ERRORS as e:
+        fail(e)
+    a = result.analysis
+    n = a.num_layers
+    shape = f"{n} layers, {a.calibration.samples} x {a.calibration.seq_len} tokens"
+    table = Table(title=f"analysis of {a.model.name}: {shape}")
+    table.add_column("layer", justify="right")
+    table.add_column("attn KL", justify="right")
+    table.add_column("attn |h|/|x|", justify="right")
+    table.add_column("FFN |h|/|x|", justify="right")
+    table.add_column("FFN max dependency of later FFNs", justify="right")
+    kl = a.kl_by_layer()
+    for s in a.layers:
+        row = [v for v in a.ffn_dependency[s.layer] if v is not None]
+        table.add_row(
+            str(s.layer),
+            f"{kl[s.layer]:.4f}" if s.layer in kl else "removed",
+            f"{s.attention.rel_norm:.3f}" if s.attention else "-",
+            f"{s.ffn.rel_norm:.3f}",
+            f"{max(row):.4f}" if row else "-",
+        )
+    console.print(table)
+    order = sorted(kl, key=lambda i: (kl[i], i))[:8]
+    console.print(f"lowest-KL attention (safest to remove first): {order}")
+    best = sorted((w for w in a.ffn_windows if w.end - w.start >= 2), key=lambda w: (w.max, w.start))[:3]
+    if best:
+        windows = ", ".join(f"{w.start}-{w.end} (max M {w.max:.4f})" for w in best)
+        console.print(f"least dependent windows of 3+ FFNs: {windows}")
+    console.print(
+        f"cost: {a.cost.total_forward_equivalents:.1f} full-forward equivalents in all "
+        f"(FFN matrix {a.cost.parts['ffn_dependency'].forward_equivalents:.1f}, "
+        f"block matrix {a.cost.parts['block_dependency'].forward_equivalents:.1f}, "
+        f"attention {a.cost.parts['attention'].forward_equivalents:.1f}; "
+        f"without prefix caching each matrix would cost {a.cost.naive_forward_equivalents_per_matrix})"
+    )
+    console.print(
+        f"wrote {result.out}/analysis.json and heatmaps in {result.seconds:.1f} s "
+        f"(measuring {result.measure_seconds:.1f} s) on {result.device}"
+    )
+
+
+@app.command("plan")
+def plan_(
+    analysis: Annotated[Path, typer.Argument(help="analysis.json (or the folder holding it) from `ffnfusion analyze`")],
+    out: Annotated[Path, typer.Option(help="plan.json to write")],
+    remove_attention: Annotated[
+        int | None, typer.Option(help="budget: this many attention sub-blocks removed in all (lowest KL first)")
+    ] = None,
+    max_kl: Annotated[
+        float | None, typer.Option(help="budget: remove attention while the predicted KL stays <= this")
+    ] = None,
+    target_depth: Annotated[
+        int | None, typer.Option(help="remove attention until at most this many sub-blocks run in sequence")
+    ] = None,
+    max_group: Annotated[int, typer.Option(help="most FFNs in one fused group")] = 8,
+    fuse_last: Annotated[bool, typer.Option(help="also fuse the last FFN of each attention-free run")] = False,
+    max_dependency: Annotated[
+        float | None, typer.Option(help="never fuse two FFNs whose dependency M[i][j] exceeds this")
+    ] = None,
+    parallel_threshold: Annotated[
+        float | None, typer.Option(help="run intact layers as parallel blocks where block dependency <= this")
+    ] = None,
+    max_parallel: Annotated[int, typer.Option(help="most layers in one parallel block")] = 2,
+    costs: Annotated[
+        Path | None, typer.Option(help="measured costs, JSON: attention_ms, ffn_ms, overhead_ms, fixed_ms")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="check the analysis was made from this model (needed by --iterative if moved)")
+    ] = None,
+    iterative: Annotated[
+        bool, typer.Option(help="re-score attention on the model after each removal (loads the model; slower)")
+    ] = False,
+    data: Annotated[str | None, typer.Option(help="--iterative: calibration text (default: the analysis')")] = None,
+    samples: Annotated[int | None, typer.Option(help="--iterative: sequences (default: the analysis')")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="--iterative: tokens per sequence")] = None,
+    device: Annotated[str | None, typer.Option(help="--iterative: cpu or cuda (default: the analysis')")] = None,
+    dtype: Annotated[str | None, typer.Option(help="--iterative: dtype (default: the analysis')")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="--iterative: sequences per batch")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+) -> None:
+    """Choose what to remove, fuse and parallelize under a budget; predict depth and latency; write plan.json."""
+    from ffnfusion.analysis import load_analysis
+    from ffnfusion.planning import CostModel, check_model, iterative_rescorer, search_plan, write_plan
+
+    try:
+        a = load_analysis(analysis)
+        if model is not None and not iterative:
+            check_model(a, model)
+        cost_model = CostModel.load(costs, a) if costs is not None else None
+        rescore = None
+        if iterative:
+            rescore = iterative_rescorer(
+                a,
+                model=model,
+                data=data,
+                samples=samples,
+                seq_len=seq_len,
+                device=device,
+                dtype=dtype,
+                batch_size=batch_size,
+                log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+            )
+        result = search_plan(
+            a,
+            remove_attention=remove_attention,
+            max_kl=max_kl,
+            max_group=max_group,
+            target_depth=target_depth,
+            fuse_last=fuse_last,
+            max_dependency=max_dependency,
+            parallel_threshold=parallel_threshold,
+            max_parallel=max_parallel,
+            costs=cost_model,
+            rescore=rescore,
+        )
+        write_plan(result.plan, out, overwrite=overwrite)
+    except USER_ERRORS as e:
+        fail(e)
+    p, info = result.plan, result.plan.info
+    table = Table(title=f"plan for {a.model.name}: {out}")
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("remove attention", str(p.remove_attention))
+    table.add_row("  chosen here, in order (KL after)", ", ".join(f"{i} ({k:.4f})" for i, k in result.removal) or "-")
+    table.add_row("fuse FFN groups", str(p.fuse_ffn))
+    if p.parallel_blocks:
+        table.add_row("parallel blocks", str(p.parallel_blocks))
+    table.add_row(f"predicted KL ({info['predicted_kl_is']})", f"{info['predicted_kl']:.4f}")
+    table.add_row("sequential sub-blocks", f"{result.depth_before} -> {result.depth_after}")
+    latency = info["predicted"]["latency"]
+    table.add_row(
+        "predicted latency (ms/token)",
+        f"{result.latency_before:.4f} -> {result.latency_after:.4f} ({latency['speedup']:.3f}x)",
+    )
+    table.add_row("cost model", latency["cost_model"]["source"])
+    console.print(table)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+
+
+@app.command()
 def fuse(
     model: Annotated[str, typer.Argument(help="original model: hub id, local folder, or .gguf file")],
     plan: Annotated[Path, typer.Option(help="plan.json (0-based layers of the original model)")],
@@ -75,6 +258,163 @@ def fuse(
     for engine, verdict in summary.engines.items():
         engines.add_row(engine, verdict)
     console.print(engines)
+
+
+@app.command()
+def heal(
+    student: Annotated[str, typer.Argument(help="fused checkpoint folder (the output of `ffnfusion fuse`)")],
+    teacher: Annotated[str, typer.Option(help="original model: hub id, local folder, or .gguf file")],
+    data: Annotated[
+        list[str],
+        typer.Option(help="training text: file, folder, .jsonl, .parquet, datasets name, or `self`; repeatable"),
+    ],
+    out: Annotated[Path, typer.Option(help="output folder for the healed checkpoint")],
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out and any earlier checkpoints")] = False,
+    resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint in --checkpoint-dir")] = False,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="where Trainer checkpoints go (default: <out>.checkpoints)")
+    ] = None,
+    keep_checkpoints: Annotated[bool, typer.Option(help="keep the checkpoints after a successful run")] = False,
+    seq_len: Annotated[int, typer.Option(help="tokens per packed training sequence")] = 512,
+    max_sequences: Annotated[int | None, typer.Option(help="use at most this many sequences per --data")] = None,
+    self_samples: Annotated[int, typer.Option(help="sequences to sample from the teacher for --data self")] = 256,
+    text_field: Annotated[str, typer.Option(help="text column of .jsonl/.parquet/datasets")] = "text",
+    batch_size: Annotated[int, typer.Option(help="sequences per device per micro-batch")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    epochs: Annotated[float, typer.Option(help="passes over the data (ignored when --max-steps is set)")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="optimizer steps (overrides --epochs)")] = -1,
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine decay)")] = 1e-4,
+    warmup: Annotated[float, typer.Option(help="warm-up: fraction of the steps (<1) or a number of steps")] = 0.05,
+    weight_decay: Annotated[float, typer.Option()] = 0.0,
+    kl_weight: Annotated[float, typer.Option(help="weight of KL(teacher || student) on next-token logits")] = 1.0,
+    cos_weight: Annotated[float, typer.Option(help="weight of the cosine distance of final hidden states")] = 1.0,
+    lm_weight: Annotated[float, typer.Option(help="weight of the language-modelling loss (off by default)")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="softmax temperature of the KL term")] = 1.0,
+    scope: Annotated[str, typer.Option(help="trainable part: `all` or `changed` (fused/removed blocks)")] = "all",
+    neighbours: Annotated[int, typer.Option(help="with --scope changed, also train this many blocks each side")] = 0,
+    bf16: Annotated[bool | None, typer.Option(help="bf16 mixed precision (default: on where the GPU has it)")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="trade compute for activation memory")] = False,
+    fsdp: Annotated[str, typer.Option(help="FSDP mode passed to Trainer, e.g. 'full_shard auto_wrap'")] = "",
+    save_steps: Annotated[int, typer.Option(help="checkpoint every N optimizer steps")] = 500,
+    logging_steps: Annotated[int, typer.Option(help="log the loss every N optimizer steps")] = 10,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Heal a fused model by distillation from the original (KL on logits + cosine on hidden states)."""
+    from ffnfusion.heal import HealSettings
+    from ffnfusion.heal import heal as run_heal
+
+    settings = HealSettings(
+        data=list(data),
+        seq_len=seq_len,
+        max_sequences=max_sequences,
+        self_samples=self_samples,
+        text_field=text_field,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        kl_weight=kl_weight,
+        cos_weight=cos_weight,
+        lm_weight=lm_weight,
+        temperature=temperature,
+        scope=scope,
+        neighbours=neighbours,
+        seed=seed,
+        bf16=bf16,
+        gradient_checkpointing=gradient_checkpointing,
+        fsdp=fsdp,
+    )
+    try:
+        summary = run_heal(
+            student,
+            teacher,
+            out,
+            settings,
+            overwrite=overwrite,
+            resume=resume,
+            checkpoint_dir=checkpoint_dir,
+            save_steps=save_steps,
+            logging_steps=logging_steps,
+            keep_checkpoints=keep_checkpoints,
+        )
+    except USER_ERRORS as e:
+        fail(e)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    table = Table(title=f"healed checkpoint: {summary.out}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("optimizer steps", str(summary.steps))
+    table.add_row("data", f"{summary.sequences:,} sequences x {summary.seq_len} tokens")
+    table.add_row("training tokens", f"{summary.tokens:,}")
+    table.add_row("trainable parameters", f"{summary.trainable_parameters:,} of {summary.total_parameters:,}")
+    if summary.first_loss is not None and summary.last_loss is not None:
+        table.add_row("loss, first -> last log", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}")
+    table.add_row("loss curve", str(summary.out / "loss_curve.png"))
+    table.add_row("training time", f"{summary.train_seconds:.1f} s")
+    table.add_row("throughput", f"{summary.tokens_per_second:,.0f} tokens/s")
+    console.print(table)
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="models to compare: hub ids, folders, .gguf files, checkpoints")],
+    out: Annotated[Path, typer.Option(help="eval.json to write (the Markdown table goes beside it as eval.md)")],
+    reference: Annotated[
+        str | None, typer.Option(help="original model: fidelity (KL, top-1 agreement) is measured against it")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="text for perplexity/fidelity: file, folder, .jsonl, .parquet or datasets name")
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="comma-separated: hellaswag,arc_easy,arc_challenge,piqa,winogrande,lambada_openai,mmlu"),
+    ] = None,
+    task_data_dir: Annotated[
+        Path | None, typer.Option(help="folder with local copies of the task files (else lm-eval uses the hub)")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="score only the first N items of each task")] = None,
+    context_len: Annotated[int, typer.Option(help="perplexity window, tokens")] = 512,
+    stride: Annotated[int | None, typer.Option(help="tokens between window starts (default: context length)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="use only the first N tokens of --data")] = None,
+    text_field: Annotated[str, typer.Option(help="text column of .jsonl/.parquet/datasets")] = "text",
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    label: Annotated[list[str] | None, typer.Option(help="column name per model, in order (repeatable)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Perplexity, fidelity to the original and zero-shot tasks (lm-eval-harness), several models side by side."""
+    from ffnfusion.evaluate import evaluate, markdown_table
+
+    try:
+        result = evaluate(
+            models,
+            reference=reference,
+            data=data,
+            text_field=text_field,
+            tasks=[t for t in (tasks or "").split(",") if t.strip()],
+            task_data_dir=task_data_dir,
+            limit=limit,
+            context_len=context_len,
+            stride=stride,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            labels=label,
+            out=out,
+        )
+    except USER_ERRORS as e:
+        fail(e)
+    console.print(markdown_table(result), markup=False, highlight=False)
+    console.print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def main() -> None:

@@ -129,7 +129,14 @@ def token_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int, s
 
 @torch.no_grad()
 def self_generated_texts(
-    model: Any, tokenizer: Any, samples: int, seq_len: int, seed: int, cache_dir: Path | None = None, key: str = ""
+    model: Any,
+    tokenizer: Any,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    cache_dir: Path | None = None,
+    key: str = "",
+    batch_size: int = 16,
 ) -> list[str]:
     """Text sampled from the model itself (temperature 1 from BOS), cached on disk under a key of the settings."""
     cache_dir = Path(cache_dir or default_cache_dir()) / "self_text"
@@ -141,7 +148,7 @@ def self_generated_texts(
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     texts: list[str] = []
-    batch = 16
+    batch = max(1, batch_size)
     for first in range(0, samples, batch):
         n = min(batch, samples - first)
         prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
@@ -167,13 +174,16 @@ def calibration_tokens(
     model_key: str = "",
     text_field: str = "text",
     cache_dir: Path | None = None,
+    generate_batch_size: int = 16,
 ) -> torch.Tensor:
     """[samples, seq_len] token ids from `spec` (a path, a datasets name, or `self`)."""
     if spec == "self":
         if model is None:
             raise DataError("--data self needs the model to sample text from.")
         # Sample a little more than needed: re-tokenizing decoded text rarely gives back exactly seq_len tokens.
-        texts = self_generated_texts(model, tokenizer, samples, seq_len + seq_len // 4, seed, cache_dir, model_key)
+        texts = self_generated_texts(
+            model, tokenizer, samples, seq_len + seq_len // 4, seed, cache_dir, model_key, generate_batch_size
+        )
         rows = []
         for text in texts:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -185,3 +195,38 @@ def calibration_tokens(
         return torch.tensor(rows[:samples], dtype=torch.long)
     stream = tokenize_stream(tokenizer, load_texts(spec, text_field))
     return token_windows(stream, samples, seq_len, seed, str(spec))
+
+
+def packed_sequences(
+    spec: str,
+    tokenizer: Any,
+    seq_len: int,
+    max_sequences: int | None = None,
+    seed: int = 0,
+    model: Any | None = None,
+    model_key: str = "",
+    self_samples: int = 256,
+    text_field: str = "text",
+    cache_dir: Path | None = None,
+    generate_batch_size: int = 16,
+) -> torch.Tensor:
+    """Training text packed into fixed-length sequences, [n, seq_len]: every whole window of the token stream.
+
+    Documents are joined with EOS and cut into consecutive windows, so no token is padding; `max_sequences` keeps
+    a random subset (chosen with `seed`). `self` samples `self_samples` sequences (or `max_sequences`) from `model`.
+    """
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2 (got {seq_len}).")
+    if spec == "self":
+        samples = max_sequences or self_samples
+        return calibration_tokens(
+            "self", tokenizer, samples, seq_len, seed, model, model_key, text_field, cache_dir, generate_batch_size
+        )
+    stream = tokenize_stream(tokenizer, load_texts(spec, text_field))
+    available = stream.numel() // seq_len
+    if available == 0:
+        raise DataError(
+            f"{spec} has {stream.numel()} tokens, too few for one sequence of {seq_len} tokens: "
+            "use more text or a shorter --seq-len."
+        )
+    return token_windows(stream, min(available, max_sequences or available), seq_len, seed, str(spec))

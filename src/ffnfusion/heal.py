@@ -1,0 +1,549 @@
+"""The `heal` stage: knowledge distillation from the original model (teacher) into the fused model (student).
+
+Loss (Puzzle's recipe): `kl_weight * T^2 * KL(teacher_T || student_T)` on next-token distributions softened by
+temperature T, plus `cos_weight * (1 - cos(h_student, h_teacher))` on the final (normed) hidden states, plus an
+optional `lm_weight * cross-entropy` on the text itself (off by default: Puzzle found it hurt). Teacher outputs
+are computed on the fly, so nothing is cached per token.
+
+Training is transformers' Trainer, so the same code runs on one device, several GPUs through `torchrun` or
+`accelerate launch` (DDP, or FSDP with `--fsdp`), in bf16, with gradient checkpointing, gradient accumulation,
+a cosine schedule with warm-up, checkpoints every N steps and `--resume`. The teacher is a plain module on every
+process (never wrapped or sharded): fine for models that fit one device, the case this project targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers.trainer_utils import get_last_checkpoint
+
+from ffnfusion.checkpoint import LazySafetensors, atomic_output_dir, write_fused_checkpoint
+from ffnfusion.data import DataError, packed_sequences
+from ffnfusion.plan import Plan, plan_blocks
+from ffnfusion.source import ModelSource, load_model, resolve_model
+
+PLAN_FILE = "ffnfusion_plan.json"
+LOG_FILE = "heal_log.jsonl"
+SETTINGS_FILE = "heal_settings.json"
+CURVE_FILE = "loss_curve.png"
+SCOPES = ("all", "changed")
+
+
+class HealError(ValueError):
+    """Inputs that cannot be distilled: not a fused student, mismatched vocabularies, bad settings."""
+
+
+@dataclass
+class HealSettings:
+    """Everything that shapes the training run; saved with the checkpoints so `--resume` can refuse a different run."""
+
+    data: list[str]
+    seq_len: int = 512
+    max_sequences: int | None = None
+    self_samples: int = 256
+    text_field: str = "text"
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = -1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    kl_weight: float = 1.0
+    cos_weight: float = 1.0
+    lm_weight: float = 0.0
+    temperature: float = 1.0
+    scope: str = "all"
+    neighbours: int = 0
+    seed: int = 0
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False
+    fsdp: str = ""
+
+    def check(self) -> None:
+        problems = []
+        if self.scope not in SCOPES:
+            problems.append(f"--scope must be one of {', '.join(SCOPES)} (got {self.scope!r})")
+        if min(self.kl_weight, self.cos_weight, self.lm_weight) < 0:
+            problems.append("loss weights must not be negative")
+        if self.kl_weight == self.cos_weight == self.lm_weight == 0:
+            problems.append("all loss weights are zero: nothing to train on")
+        if self.temperature <= 0:
+            problems.append(f"--temperature must be positive (got {self.temperature})")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            problems.append("--batch-size and --grad-accum must be at least 1")
+        if self.neighbours < 0:
+            problems.append("--neighbours must not be negative")
+        if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
+            problems.append("--warmup is a fraction of the steps in [0, 1) or a whole number of steps")
+        if not self.data:
+            problems.append("no --data given")
+        if problems:
+            raise HealError("Invalid heal settings:\n  - " + "\n  - ".join(problems))
+
+    def training_key(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the interrupted one (bf16 None means 'auto', resolved)."""
+        return {k: v for k, v in asdict(self).items() if k != "fsdp"}
+
+
+@dataclass
+class HealSummary:
+    out: Path
+    steps: int
+    sequences: int
+    seq_len: int
+    tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    trainable_parameters: int
+    total_parameters: int
+    trainable_blocks: list[int]
+    first_loss: float | None
+    last_loss: float | None
+    log_history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+
+class TokenDataset(Dataset):
+    """Packed token windows [n, seq_len] as Trainer examples."""
+
+    def __init__(self, sequences: torch.Tensor):
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.sequences[i]}
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    kl_weight: float = 1.0,
+    cos_weight: float = 1.0,
+    lm_weight: float = 0.0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted KL + cosine (+ LM) loss over every position; returns (total, detached parts for logging)."""
+    vocab = student_logits.shape[-1]
+    # Softmax in fp32 even under bf16 autocast: low-precision logits bias the log-probabilities.
+    s_logp = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    # T^2 keeps the gradient scale independent of the temperature (Hinton et al.).
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * temperature**2
+    cos = 1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1).mean()
+    total = kl_weight * kl + cos_weight * cos
+    parts = {"kl": kl.detach(), "cos": cos.detach()}
+    if lm_weight > 0 or temperature == 1.0:
+        # At T=1 the student's log-probabilities are already there, so the LM loss is logged for free.
+        lm_logp = s_logp if temperature == 1.0 else F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
+        lm_logp = lm_logp.view(*input_ids.shape, vocab)[:, :-1].reshape(-1, vocab)
+        lm = F.nll_loss(lm_logp, input_ids[:, 1:].reshape(-1))
+        total = total + lm_weight * lm
+        parts["lm"] = lm.detach()
+    return total, parts
+
+
+def _final_hidden_and_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final normed hidden states, logits) of any transformers causal LM, through its own forward."""
+    out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+    # transformers' decoders (and DeciLM) put the final norm's output last in `hidden_states`.
+    return out.hidden_states[-1], out.logits
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss is distillation from a frozen teacher; everything else is stock Trainer behaviour."""
+
+    def __init__(self, *args: Any, teacher: torch.nn.Module, settings: HealSettings, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.settings = settings
+        # The loss is a per-micro-batch mean, so Trainer must divide it by the accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        self._parts: dict[str, torch.Tensor] = {}
+        self._parts_count = 0
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        ids = inputs["input_ids"]
+        with torch.no_grad():
+            t_hidden, t_logits = _final_hidden_and_logits(self.teacher, ids)
+        # Through the (possibly DDP/FSDP-wrapped) model, so gradient synchronisation hooks run.
+        s_hidden, s_logits = _final_hidden_and_logits(model, ids)
+        s = self.settings
+        loss, parts = distillation_loss(
+            s_logits, t_logits, s_hidden, t_hidden, ids, s.kl_weight, s.cos_weight, s.lm_weight, s.temperature
+        )
+        for name, value in parts.items():
+            self._parts[name] = self._parts.get(name, 0) + value
+        self._parts_count += 1
+        return (loss, {"logits": s_logits}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Trainer logs only the total; add the loss components averaged since the last log, over all processes.
+        if "loss" in logs and self._parts_count:
+            for name, value in self._parts.items():
+                mean = self.accelerator.reduce(value / self._parts_count, reduction="mean")
+                logs[f"loss_{name}"] = round(float(mean), 6)
+            self._parts, self._parts_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+def changed_blocks(plan: Plan, num_original_layers: int) -> list[int]:
+    """Indices of the fused model's blocks that the plan changed (fused, parallel, or missing a sub-block)."""
+    blocks = plan_blocks(plan, num_original_layers)
+    return [i for i, b in enumerate(blocks) if b.kind != "layer" or b.attention_from is None or not b.ffn_from]
+
+
+def trainable_blocks(
+    scope: str, num_blocks: int, plan: Plan | None, num_original_layers: int, neighbours: int
+) -> list[int]:
+    if scope == "all":
+        return list(range(num_blocks))
+    if plan is None:
+        raise HealError(
+            f"--scope changed needs the plan the student was fused with ({PLAN_FILE} in the student folder); "
+            "use --scope all for a student without one."
+        )
+    blocks = plan_blocks(plan, num_original_layers)
+    if len(blocks) != num_blocks:
+        raise HealError(
+            f"the student has {num_blocks} blocks but its {PLAN_FILE} applied to the teacher's "
+            f"{num_original_layers} layers gives {len(blocks)}: was it fused from another model?"
+        )
+    changed = changed_blocks(plan, num_original_layers)
+    if not changed:
+        raise HealError("the student's plan changes no layer: nothing to heal with --scope changed.")
+    chosen = {j for i in changed for j in range(i - neighbours, i + neighbours + 1) if 0 <= j < num_blocks}
+    return sorted(chosen)
+
+
+def freeze_outside(model: torch.nn.Module, blocks: Sequence[int]) -> int:
+    """Leave only the parameters of `blocks` trainable; returns the number of trainable parameters."""
+    prefixes = tuple(f"model.layers.{i}." for i in blocks)
+    trainable = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable
+
+
+def _check_student(source: ModelSource) -> dict[str, Any]:
+    if not source.is_fused_checkpoint:
+        raise HealError(
+            f"{source.spec} is not a fused checkpoint (no DeciLM config.json with block_configs): heal trains the "
+            "output of `ffnfusion fuse`; fuse the original model first."
+        )
+    config = json.loads((source.folder / "config.json").read_text())
+    if "DeciLMForCausalLM" not in (config.get("architectures") or []):
+        raise HealError(f"{source.spec}/config.json does not describe a DeciLMForCausalLM.")
+    return config
+
+
+def _check_vocabularies(student_config: dict[str, Any], teacher_config: Any, s_tok: Any, t_tok: Any) -> None:
+    s_vocab, t_vocab = student_config.get("vocab_size"), getattr(teacher_config, "vocab_size", None)
+    if s_vocab != t_vocab:
+        raise HealError(
+            f"student and teacher have different vocabulary sizes ({s_vocab} vs {t_vocab}): distillation "
+            "compares next-token distributions, so the student must be fused from this teacher."
+        )
+    if s_tok is not None and t_tok is not None:
+        s_v, t_v = s_tok.get_vocab(), t_tok.get_vocab()
+        if s_v != t_v:
+            differ = len(set(s_v.items()) ^ set(t_v.items()))
+            raise HealError(
+                f"student and teacher tokenizers differ ({differ} token/id pairs are not shared): the student "
+                "must use the teacher's tokenizer."
+            )
+
+
+def _check_output(out: Path, sources: Sequence[ModelSource]) -> None:
+    out = out.resolve()
+    for source in sources:
+        folder = source.folder.resolve()
+        if out == folder or folder in out.parents:
+            raise HealError(f"Refusing to write into an input model's folder ({folder}); choose --out elsewhere.")
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """TrainingArguments keys for activation checkpointing, under the name this transformers version uses."""
+    if not enabled:
+        return {}
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns).
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    # Non-reentrant checkpointing works with frozen embeddings (--scope changed) without input-grad hacks.
+    return {key: True, f"{key}_kwargs": {"use_reentrant": False}}
+
+
+def _resolve_bf16(bf16: bool | None) -> bool:
+    if bf16 is None:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bf16
+
+
+def _stored_dtypes(folder: Path) -> dict[str, torch.dtype]:
+    """name -> dtype of every tensor stored in the student checkpoint, read from the safetensors headers."""
+    from safetensors import safe_open
+
+    lazy = LazySafetensors(folder)
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    out = {}
+    for file in sorted(set(lazy.weight_map.values())):
+        with safe_open(folder / file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                out[name] = names.get(f.get_slice(name).get_dtype(), torch.float32)
+    return out
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Training loss (and its parts) against the step, from Trainer's log history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in history if "loss" in r and "step" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for key, label in (("loss", "total"), ("loss_kl", "KL"), ("loss_cos", "cosine"), ("loss_lm", "LM (CE)")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=label, linewidth=1.5 if key == "loss" else 1.0)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "distillation loss")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _check_resume(checkpoint_dir: Path, settings: HealSettings, resume: bool) -> str | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to mix runs with different settings."""
+    saved = checkpoint_dir / SETTINGS_FILE
+    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if not resume:
+        if last is not None:
+            raise HealError(
+                f"{checkpoint_dir} holds checkpoints of an earlier run: pass --resume to continue it, or "
+                "--overwrite to start again."
+            )
+        return None
+    if last is None:
+        raise HealError(f"--resume: no checkpoint found in {checkpoint_dir}.")
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        now = json.loads(json.dumps(settings.training_key()))
+        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if differ:
+            raise HealError(
+                f"--resume: settings differ from the interrupted run ({', '.join(differ)}); resume with the same "
+                "settings or start a new run."
+            )
+    return last
+
+
+def heal(
+    student: str | Path,
+    teacher: str | Path,
+    out: str | Path,
+    settings: HealSettings,
+    overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    save_steps: int = 500,
+    logging_steps: int = 10,
+    keep_checkpoints: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+    progress: bool = True,
+) -> HealSummary:
+    """Distil `teacher` into the fused checkpoint `student`; write the healed checkpoint to `out` (atomically).
+
+    Call it in every process of a distributed launch (torchrun / accelerate launch): Trainer splits the batches,
+    and only the main process writes `out`. Checkpoints for `--resume` go to `checkpoint_dir` (default: beside
+    `out`, named `<out>.checkpoints`) and are deleted after a successful run unless `keep_checkpoints`.
+    """
+    settings.check()
+    settings.bf16 = _resolve_bf16(settings.bf16)
+    out = Path(out).resolve()
+    s_source, t_source = resolve_model(student), resolve_model(teacher)
+    student_config = _check_student(s_source)
+    _check_output(out, (s_source, t_source))
+    checkpoint_dir = Path(checkpoint_dir).resolve() if checkpoint_dir else out.parent / f"{out.name}.checkpoints"
+    _check_output(checkpoint_dir, (s_source, t_source))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
+    if overwrite and not resume and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    resume_from = _check_resume(checkpoint_dir, settings, resume)
+
+    t_config = t_source.config()
+    s_tok, t_tok = s_source.tokenizer(), t_source.tokenizer()
+    _check_vocabularies(student_config, t_config, s_tok, t_tok)
+    tokenizer = s_tok or t_tok
+    if tokenizer is None:
+        raise HealError("neither the student nor the teacher folder holds a tokenizer; the text cannot be tokenized.")
+    plan = Plan.load(s_source.folder / PLAN_FILE) if (s_source.folder / PLAN_FILE).is_file() else None
+
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.lr,
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=settings.warmup if settings.warmup < 1 else int(settings.warmup),
+        bf16=settings.bf16,
+        **_checkpointing_args(settings.gradient_checkpointing),
+        save_strategy="steps",
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+        disable_tqdm=not progress,
+        fsdp=settings.fsdp or None,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    # Every process builds the same sequences; the main process goes first so `self` text is sampled once and
+    # cached, and the others read the cache.
+    teacher_model = load_model(t_source, torch.bfloat16 if settings.bf16 else torch.float32, args.device)
+    teacher_model.requires_grad_(False)
+    with args.main_process_first(desc="preparing training text"):
+        sequences = torch.cat(
+            [
+                packed_sequences(
+                    spec,
+                    tokenizer,
+                    settings.seq_len,
+                    settings.max_sequences,
+                    settings.seed,
+                    model=teacher_model,
+                    model_key=str(t_source.folder / (t_source.gguf_file or "")),
+                    self_samples=settings.self_samples,
+                    text_field=settings.text_field,
+                    generate_batch_size=64,
+                )
+                for spec in settings.data
+            ]
+        )
+    global_batch = settings.batch_size * settings.grad_accum * args.world_size
+    if sequences.shape[0] < settings.batch_size * args.world_size:
+        raise DataError(
+            f"the data gives {sequences.shape[0]} sequences of {settings.seq_len} tokens, fewer than one batch "
+            f"({settings.batch_size} per device x {args.world_size} processes): use more text, a smaller "
+            "--batch-size or a shorter --seq-len."
+        )
+
+    student_model = load_model(s_source, torch.float32, "cpu")
+    student_model.config.use_cache = False
+    blocks = trainable_blocks(
+        settings.scope, len(student_config["block_configs"]), plan, t_config.num_hidden_layers, settings.neighbours
+    )
+    trainable = freeze_outside(student_model, blocks) if settings.scope != "all" else student_model.num_parameters()
+    total = student_model.num_parameters()
+
+    if args.process_index == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (checkpoint_dir / SETTINGS_FILE).write_text(json.dumps(settings.training_key(), indent=2) + "\n")
+    trainer = DistillationTrainer(
+        model=student_model,
+        args=args,
+        train_dataset=TokenDataset(sequences),
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        teacher=teacher_model,
+        settings=settings,
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    # Collective on FSDP (gathers the shards), so every process calls it; only the main one writes.
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    history = trainer.state.log_history
+    steps = trainer.state.global_step
+    tokens = steps * global_batch * settings.seq_len
+    seconds = float(result.metrics.get("train_runtime", float("nan")))
+    losses = [r["loss"] for r in history if "loss" in r]
+    summary = HealSummary(
+        out=out,
+        steps=steps,
+        sequences=int(sequences.shape[0]),
+        seq_len=settings.seq_len,
+        tokens=tokens,
+        train_seconds=seconds,
+        tokens_per_second=tokens / seconds if seconds > 0 else math.nan,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        trainable_blocks=blocks,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        log_history=history,
+    )
+    if trainer.is_world_process_zero():
+        _write_output(out, s_source, student_config, state, tokenizer, summary, settings, overwrite)
+        if not keep_checkpoints:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def _write_output(
+    out: Path,
+    s_source: ModelSource,
+    student_config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    tokenizer: Any,
+    summary: HealSummary,
+    settings: HealSettings,
+    overwrite: bool,
+) -> None:
+    # Write exactly the tensors (names and dtypes) the student checkpoint holds, so the result is the same format.
+    dtypes = _stored_dtypes(s_source.folder)
+    missing = sorted(set(dtypes) - set(state))
+    if missing:
+        raise RuntimeError(f"the trained model lacks tensors of the student checkpoint: {missing[:5]}")
+    tensors = ((name, state[name].detach().to("cpu", dtypes[name])) for name in sorted(dtypes))
+    config_kwargs = {
+        k: v for k, v in student_config.items() if k not in ("architectures", "auto_map", "transformers_version")
+    }
+    config_kwargs.pop("model_type", None)
+    report = {k: v for k, v in asdict(summary).items() if k != "log_history"}
+    report["out"] = str(out)
+    extra = {
+        LOG_FILE: "".join(json.dumps(r) + "\n" for r in summary.log_history),
+        "heal_summary.json": json.dumps({"settings": asdict(settings), "result": report}, indent=2) + "\n",
+    }
+    plan_file = s_source.folder / PLAN_FILE
+    if plan_file.is_file():
+        extra[PLAN_FILE] = plan_file.read_text()
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_fused_checkpoint(tmp, config_kwargs, tensors, tokenizer, extra_files=extra)
+        plot_loss_curve(summary.log_history, tmp / CURVE_FILE, f"heal: {s_source.spec}")

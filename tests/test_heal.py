@@ -1,0 +1,369 @@
+"""Healing by distillation: the loss, Trainer integration, 2-process DDP, kill-and-resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import tiny_model
+from ffnfusion.cli import app
+from ffnfusion.data import DataError, packed_sequences, tokenize_stream
+from ffnfusion.fuse import fuse, fuse_model
+from ffnfusion.heal import (
+    HealError,
+    HealSettings,
+    _final_hidden_and_logits,
+    changed_blocks,
+    distillation_loss,
+    heal,
+)
+from ffnfusion.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = Plan(remove_attention=[2, 3, 4], fuse_ffn=[[1, 2, 3]])
+WORDS = [
+    "the",
+    "a",
+    "river",
+    "stone",
+    "light",
+    "wind",
+    "over",
+    "under",
+    "quickly",
+    "slowly",
+    "king",
+    "queen",
+    "city",
+    "north",
+    "south",
+    "bright",
+    "dark",
+    "song",
+    "field",
+    "water",
+    "fire",
+    "old",
+    "new",
+    "runs",
+    "sleeps",
+    "speaks",
+    "dreams",
+    "and",
+    "but",
+    "because",
+    "while",
+    "when",
+    "then",
+]
+
+
+def char_tokenizer(chars: str | None = None):
+    """A character-level fast tokenizer: real text in, ids below a tiny model's vocabulary out."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = chars or "".join(c for c in string.printable if c not in "\x0b\x0c\r")
+    vocab = {"<eos>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+def sentences(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "\n".join(
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(n)
+    )
+
+
+def save_teacher(folder: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    model = tiny_model("llama", seed=seed, vocab_size=len(tokenizer), **overrides)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("heal")
+    tok = char_tokenizer()
+    teacher = save_teacher(root / "teacher", tok)
+    fuse(teacher, PLAN, root / "student")
+    fuse(teacher, Plan(), root / "identical")
+    text = root / "text.txt"
+    text.write_text(sentences(400, seed=1))
+    return {
+        "root": root,
+        "teacher": teacher,
+        "student": root / "student",
+        "identical": root / "identical",
+        "text": text,
+    }
+
+
+def settings(setup: dict[str, Path], **kw) -> HealSettings:
+    base = dict(data=[str(setup["text"])], seq_len=32, batch_size=4, max_steps=8, lr=1e-3, warmup=2, bf16=False)
+    return HealSettings(**{**base, **kw})
+
+
+def run(setup: dict[str, Path], out: str, student: str = "student", **kw) -> tuple:
+    opts = {k: kw.pop(k) for k in ("resume", "checkpoint_dir", "save_steps", "callbacks", "overwrite") if k in kw}
+    opts.setdefault("save_steps", 100)
+    summary = heal(
+        setup[student],
+        setup["teacher"],
+        setup["root"] / out,
+        settings(setup, **kw),
+        logging_steps=1,
+        progress=False,
+        **opts,
+    )
+    return summary, load_file(setup["root"] / out / "model.safetensors")
+
+
+def losses(summary) -> list[float]:
+    return [r["loss"] for r in summary.log_history if "loss" in r]
+
+
+# ---- the loss --------------------------------------------------------------------------------------------------
+
+
+def test_loss_is_zero_for_identical_student_and_positive_for_fused() -> None:
+    teacher = tiny_model("llama", seed=4)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        t_hidden, t_logits = _final_hidden_and_logits(teacher, ids)
+        for plan, zero in ((Plan(), True), (PLAN, False)):
+            s_hidden, s_logits = _final_hidden_and_logits(fuse_model(teacher, plan), ids)
+            loss, parts = distillation_loss(s_logits, t_logits, s_hidden, t_hidden, ids, temperature=2.0)
+            if zero:
+                assert float(loss) < 1e-6 and float(parts["kl"]) < 1e-6 and float(parts["cos"]) < 1e-6
+            else:
+                assert float(parts["kl"]) > 1e-3 and float(parts["cos"]) > 1e-3
+    # The KL term is KL(teacher || student) at temperature T, times T^2.
+    s_logits, t_logits = torch.randn(1, 3, 7), torch.randn(1, 3, 7)
+    _, parts = distillation_loss(
+        s_logits, t_logits, torch.randn(1, 3, 4), torch.randn(1, 3, 4), ids[:1, :3], temperature=2.0
+    )
+    p, q = (t_logits / 2).softmax(-1), (s_logits / 2).softmax(-1)
+    want = (p * (p.log() - q.log())).sum(-1).mean() * 4
+    assert torch.allclose(parts["kl"], want, rtol=1e-5)
+
+
+def test_identical_student_trains_at_zero_loss(setup) -> None:
+    summary, _ = run(setup, "out-identical", student="identical", max_steps=2)
+    assert summary.steps == 2
+    assert max(losses(summary)) < 1e-5
+
+
+def test_loss_falls_and_output_is_a_fused_checkpoint(setup) -> None:
+    summary, weights = run(setup, "out-falls", max_steps=24)
+    ls = losses(summary)
+    assert sum(ls[-4:]) / 4 < 0.8 * ls[0], ls
+    out = setup["root"] / "out-falls"
+    config = json.loads((out / "config.json").read_text())
+    student_config = json.loads((setup["student"] / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_decilm.DeciLMForCausalLM"
+    assert config["block_configs"] == student_config["block_configs"]
+    for name in ("modeling_decilm.py", "tokenizer.json", "ffnfusion_plan.json", "heal_log.jsonl", "heal_summary.json"):
+        assert (out / name).is_file(), name
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    student = load_file(setup["student"] / "model.safetensors")
+    assert weights.keys() == student.keys()
+    assert any(not torch.equal(weights[k], student[k]) for k in weights)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "DeciLMForCausalLM"
+    assert torch.equal(
+        model.state_dict()["model.layers.1.mlp.gate_proj.weight"], weights["model.layers.1.mlp.gate_proj.weight"]
+    )
+    assert not any(setup["root"].glob("out-falls.checkpoints")), "checkpoints are removed after success"
+
+
+def test_scope_changed_trains_only_changed_blocks_and_neighbours(setup) -> None:
+    assert changed_blocks(PLAN, 6) == [1, 2]  # fused block 1 (layers 1-3), layer 4 without attention
+    student = load_file(setup["student"] / "model.safetensors")
+    for neighbours, trained in ((0, {1, 2}), (1, {0, 1, 2, 3})):
+        summary, weights = run(setup, f"out-scope{neighbours}", max_steps=4, scope="changed", neighbours=neighbours)
+        assert set(summary.trainable_blocks) == trained
+        for name, w in weights.items():
+            block = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+            assert torch.equal(w, student[name]) == (block not in trained), name
+
+
+# ---- distribution and resume -----------------------------------------------------------------------------------
+
+
+def test_two_processes_match_one(setup) -> None:
+    root = setup["root"]
+    args = [
+        "heal",
+        str(setup["student"]),
+        "--teacher",
+        str(setup["teacher"]),
+        "--data",
+        str(setup["text"]),
+        "--seq-len",
+        "32",
+        "--max-steps",
+        "5",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--no-bf16",
+        "--logging-steps",
+        "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "--module",
+        "ffnfusion.cli",
+        *args,
+        "--out",
+        str(root / "ddp"),
+        "--batch-size",
+        "2",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = CliRunner().invoke(app, [*args, "--out", str(root / "single"), "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    ddp, single = load_file(root / "ddp" / "model.safetensors"), load_file(root / "single" / "model.safetensors")
+    student = load_file(setup["student"] / "model.safetensors")
+    for name in single:
+        assert torch.allclose(ddp[name], single[name], atol=1e-6, rtol=1e-5), name
+    assert max((single[k] - student[k]).abs().max() for k in single) > 1e-3  # it trained at all
+    log = [json.loads(line) for line in (root / "ddp" / "heal_log.jsonl").read_text().splitlines()]
+    log_single = [json.loads(line) for line in (root / "single" / "heal_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log if "loss" in r] == pytest.approx(
+        [r["loss"] for r in log_single if "loss" in r], rel=1e-4
+    )
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from transformers import TrainerCallback
+from ffnfusion.heal import HealSettings, heal
+
+class KillAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+student, teacher, text, out = sys.argv[1:5]
+settings = HealSettings(data=[text], seq_len=32, batch_size=4, max_steps=8, lr=1e-3, warmup=2, bf16=False)
+heal(student, teacher, out, settings, save_steps=2, progress=False, callbacks=[KillAfterSave()])
+print("not killed")
+"""
+
+
+def test_killed_run_resumes_to_the_same_weights(setup) -> None:
+    root = setup["root"]
+    out = root / "resumed"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(setup["student"]), str(setup["teacher"]), str(setup["text"]), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    checkpoints = root / "resumed.checkpoints"
+    assert (checkpoints / "checkpoint-4").is_dir() and not out.exists()
+    with pytest.raises(HealError, match="--resume"):
+        run(setup, "resumed")
+    with pytest.raises(HealError, match="settings differ"):
+        run(setup, "resumed", resume=True, lr=2e-3)
+    resumed, weights = run(setup, "resumed", resume=True)
+    assert resumed.steps == 8
+    _, reference = run(setup, "uninterrupted")
+    for name in reference:
+        assert torch.allclose(weights[name], reference[name], atol=1e-7, rtol=0), name
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+
+
+def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path: Path) -> None:
+    bigger = save_teacher(tmp_path / "bigger", char_tokenizer(string.ascii_letters + " .,\n"), seed=2)
+    with pytest.raises(HealError, match="vocabulary sizes"):
+        heal(setup["student"], bigger, tmp_path / "out", settings(setup))
+    # Same size, different token ids: caught by comparing the tokenizers themselves.
+    chars = "".join(c for c in string.printable if c not in "\x0b\x0c\r")
+    shuffled = save_teacher(tmp_path / "shuffled", char_tokenizer(chars[::-1]))
+    with pytest.raises(HealError, match="tokenizers differ"):
+        heal(setup["student"], shuffled, tmp_path / "out", settings(setup))
+
+
+def test_student_that_is_not_a_fused_checkpoint_is_refused(setup, tmp_path: Path) -> None:
+    with pytest.raises(HealError, match="not a fused checkpoint"):
+        heal(setup["teacher"], setup["teacher"], tmp_path / "out", settings(setup))
+    result = CliRunner().invoke(
+        app,
+        [
+            "heal",
+            str(setup["teacher"]),
+            "--teacher",
+            str(setup["teacher"]),
+            "--data",
+            str(setup["text"]),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 2 and "not a fused checkpoint" in result.output
+
+
+def test_data_too_short_for_one_sequence_is_refused(setup, tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("A river runs.")
+    with pytest.raises(DataError, match="too few for one sequence"):
+        heal(setup["student"], setup["teacher"], tmp_path / "out", settings(setup, data=[str(short)]))
+    # Enough for a sequence but not for one batch.
+    short.write_text("A river runs over the old stone while the king sleeps and the north wind speaks of fire.")
+    with pytest.raises(DataError, match="fewer than one batch"):
+        heal(setup["student"], setup["teacher"], tmp_path / "out", settings(setup, data=[str(short)], seq_len=64))
+
+
+def test_bad_settings_and_outputs_are_refused(setup, tmp_path: Path) -> None:
+    with pytest.raises(HealError, match="scope"):
+        heal(setup["student"], setup["teacher"], tmp_path / "o", settings(setup, scope="some"))
+    with pytest.raises(HealError, match="all loss weights are zero"):
+        heal(setup["student"], setup["teacher"], tmp_path / "o", settings(setup, kl_weight=0, cos_weight=0))
+    with pytest.raises(HealError, match="input model's folder"):
+        heal(setup["student"], setup["teacher"], setup["student"] / "healed", settings(setup))
+    with pytest.raises(HealError, match="no checkpoint found"):
+        heal(setup["student"], setup["teacher"], tmp_path / "o", settings(setup), resume=True)
+
+
+def test_packed_sequences_are_consecutive_windows_of_the_stream(setup) -> None:
+    tok = char_tokenizer()
+    seqs = packed_sequences(str(setup["text"]), tok, 32)
+    stream = tokenize_stream(tok, [setup["text"].read_text()])
+    assert seqs.shape == (stream.numel() // 32, 32)
+    assert torch.equal(seqs.flatten(), stream[: seqs.numel()])
+    subset = packed_sequences(str(setup["text"]), tok, 32, max_sequences=5, seed=3)
+    assert subset.shape == (5, 32)
+    assert all(any(torch.equal(row, s) for s in seqs) for row in subset)
