@@ -11,9 +11,14 @@ stream's end, so all windows have the same length and batch without padding.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,3 +189,369 @@ def fidelity(
         "context_len": context_len,
         "stride": stride,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot tasks through lm-eval-harness
+
+
+def resolve_tasks(names: list[str], task_data_dir: str | Path | None) -> list[tuple[str, str]]:
+    """(name shown in results, lm-eval task or group name) per requested task.
+
+    With `task_data_dir`, the seven standard names (hellaswag, arc_easy, arc_challenge, piqa, winogrande,
+    lambada_openai, mmlu) run ffnfusion's local definitions on the files found there; every other name, and the
+    standard names without a data folder, must be an lm-eval task (which downloads its dataset from the hub).
+    """
+    from ffnfusion.tasks import ALIASES, LOCAL_TASKS
+
+    resolved, local_names = [], set(LOCAL_TASKS.values())
+    for raw in names:
+        name = ALIASES.get(raw.strip().lower(), raw.strip().lower())
+        if not name:
+            continue
+        if name in local_names and task_data_dir is None:
+            raise EvalError(f"task {raw!r} reads local files: pass --task-data-dir.")
+        if task_data_dir is not None and name in LOCAL_TASKS:
+            resolved.append((name, LOCAL_TASKS[name]))
+        else:
+            resolved.append((name, name))
+    if len({lm for _, lm in resolved}) != len(resolved):
+        raise EvalError(f"a task is named twice in {names}.")
+    return resolved
+
+
+def task_manager(tasks: list[tuple[str, str]], task_data_dir: str | Path | None) -> Any:
+    """An lm-eval TaskManager that knows the local tasks, and lm-eval's own ones when any are asked for.
+
+    Unknown names are reported here, before any model is loaded.
+    """
+    from lm_eval.tasks import TaskManager
+
+    from ffnfusion.tasks import LOCAL_TASKS, TASKS_DIR, check_task_files
+
+    local = set(LOCAL_TASKS.values())
+    needs_hub = any(lm not in local for _, lm in tasks)
+    metadata = {"task_data_dir": str(Path(task_data_dir).expanduser())} if task_data_dir is not None else {}
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_hub, metadata=metadata)
+    unknown = [shown for shown, lm in tasks if lm not in manager.all_tasks]
+    if unknown:
+        raise EvalError(
+            f"unknown task(s): {', '.join(unknown)}. Local tasks (with --task-data-dir): {', '.join(LOCAL_TASKS)}; "
+            "other names must be lm-eval tasks (`lm_eval ls tasks` lists them)."
+        )
+    if task_data_dir is not None:
+        check_task_files([shown for shown, lm in tasks if lm in local], Path(task_data_dir).expanduser())
+    return manager
+
+
+def _task_metrics(results: dict[str, Any], lm_name: str) -> dict[str, Any]:
+    """lm-eval's "metric,filter" keys of one task or group -> {metric: value, metric_stderr: value, samples: n}."""
+    row = results["results"].get(lm_name) or results.get("groups", {}).get(lm_name, {})
+    metrics: dict[str, Any] = {}
+    for key, value in row.items():
+        metric, sep, filt = key.partition(",")
+        if sep and filt == "none" and isinstance(value, int | float):
+            metrics[metric] = float(value)
+    members = results.get("group_subtasks", {}).get(lm_name) or [lm_name]
+    metrics["samples"] = sum(int(results["n-samples"].get(m, {}).get("effective", 0)) for m in members)
+    return metrics
+
+
+def run_tasks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: list[tuple[str, str]],
+    manager: Any,
+    limit: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    bootstrap_iters: int = 1000,
+) -> dict[str, dict[str, Any]]:
+    """Zero-shot accuracy of an in-memory model on lm-eval tasks, scored by lm-eval itself (its HFLM wrapper).
+
+    Returns {task: {"acc", "acc_norm" (where defined), "perplexity" (LAMBADA), "*_stderr", "samples"}}.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise EvalError("the tokenizer has neither a BOS nor an EOS token; lm-eval needs one to start a context.")
+    # softmax in fp32: bf16 log-probabilities round differently per batch and would make acc depend on batch size.
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        backend="causal",
+        batch_size=batch_size,
+        softmax_dtype=torch.float32,
+        prefix_token_id=prefix,
+    )
+    results = simple_evaluate(
+        lm,
+        tasks=[lm_name for _, lm_name in tasks],
+        task_manager=manager,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=bootstrap_iters,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    return {shown: _task_metrics(results, lm_name) for shown, lm_name in tasks}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The eval stage: several models side by side
+
+
+EVAL_FORMAT = "ffnfusion-eval"
+EVAL_VERSION = 1
+
+
+def model_label(spec: str) -> str:
+    path = Path(spec)
+    return path.stem if path.suffix == ".gguf" else (path.name or spec) if path.exists() else spec
+
+
+def _labels(specs: list[str], labels: list[str] | None) -> list[str]:
+    if labels:
+        if len(labels) != len(specs):
+            raise EvalError(f"{len(labels)} labels for {len(specs)} models: give one label per model.")
+        names = list(labels)
+    else:
+        names = [model_label(s) for s in specs]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):  # two models called "model" become "model" and "model#2"
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[i] = f"{name}#{seen[name]}"
+    return names
+
+
+def same_tokenizer(a: Any, b: Any) -> str | None:
+    """None when `a` and `b` turn text into the same ids; otherwise what differs, for the error message."""
+    if len(a) != len(b):
+        return f"vocabulary sizes differ ({len(a)} vs {len(b)})"
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        diff = sorted(set(va.items()) ^ set(vb.items()))
+        return f"{len(diff)} vocabulary entries differ (e.g. {diff[0]})"
+    probe = "Tokenizers agree on this text: 123, naïve café, <tags>\n\tand spaces."
+    if a(probe, add_special_tokens=False)["input_ids"] != b(probe, add_special_tokens=False)["input_ids"]:
+        return "the same vocabulary splits text differently (different merges or normalization)"
+    return None
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: CUDA is not available on this machine.")
+    return device
+
+
+def _check_out(out: Path, sources: list[Any]) -> None:
+    target = out.expanduser().resolve()
+    for source in sources:
+        if source.folder.resolve() in target.parents:
+            raise EvalError(f"--out {out} is inside the model folder {source.folder}: write it elsewhere.")
+
+
+def evaluate(
+    models: list[str],
+    *,
+    reference: str | None = None,
+    data: str | None = None,
+    text_field: str = "text",
+    tasks: list[str] | None = None,
+    task_data_dir: str | Path | None = None,
+    limit: int | None = None,
+    context_len: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str = "auto",
+    seed: int = 0,
+    labels: list[str] | None = None,
+    progress: bool = True,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate each model on the same text and tasks; returns (and with `out`, writes) the eval.json content.
+
+    Perplexity needs `data`; fidelity needs `data` and `reference`; tasks run through lm-eval. Every input is
+    checked (models found, tokenizers consistent, tasks known, task files readable) before the first model loads.
+    """
+    from ffnfusion.data import load_texts, tokenize_stream
+    from ffnfusion.source import load_model, parse_dtype, resolve_model
+
+    if not models:
+        raise EvalError("name at least one model to evaluate.")
+    if data is None and not tasks:
+        raise EvalError("nothing to evaluate: give --data TEXT (perplexity, fidelity) and/or --tasks.")
+    if reference is not None and data is None:
+        raise EvalError("--reference is used for fidelity on --data TEXT: give --data as well.")
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit must be a positive number of items per task (got {limit}).")
+    if max_tokens is not None and max_tokens < 2:
+        raise EvalError(f"--max-tokens must be at least 2 (got {max_tokens}).")
+    sliding_windows(max(context_len, 2), context_len, stride)  # validates context/stride before anything loads
+    torch_dtype = parse_dtype(dtype)
+    device = _resolve_device(device)
+    names = _labels(models, labels)
+    sources = [resolve_model(m) for m in models]
+    ref_source = resolve_model(reference) if reference is not None else None
+    if out is not None:
+        _check_out(out, sources + ([ref_source] if ref_source else []))
+    task_list = resolve_tasks(tasks or [], task_data_dir)
+    manager = task_manager(task_list, task_data_dir) if task_list else None
+
+    ref_tok = ref_source.tokenizer() if ref_source else None
+    if ref_source is not None and ref_tok is None:
+        raise EvalError(f"the reference {reference} has no tokenizer.")
+    tokenizers = []
+    for spec, source in zip(models, sources):
+        tok = source.tokenizer()
+        if tok is None:
+            if ref_tok is None:
+                raise EvalError(f"{spec} has no tokenizer: pass --reference with the original model to use its.")
+            tok = ref_tok
+        elif ref_tok is not None and (why := same_tokenizer(tok, ref_tok)):
+            raise EvalError(
+                f"{spec} and the reference {reference} have different tokenizers: {why}. Fidelity compares "
+                "next-token distributions token by token, so both must use the same tokenizer."
+            )
+        tokenizers.append(tok)
+
+    texts = load_texts(data, text_field) if data is not None else None
+    streams: dict[int, torch.Tensor] = {}
+
+    def stream_for(tok: Any) -> torch.Tensor:
+        key = id(tok) if ref_tok is None else id(ref_tok)  # one stream when all tokenizers are the reference's
+        if key not in streams:
+            stream = tokenize_stream(tok, texts)
+            streams[key] = stream[:max_tokens] if max_tokens else stream
+        return streams[key]
+
+    ref_model = load_model(ref_source, torch_dtype, device) if ref_source is not None else None
+    rows = []
+    for spec, name, source, tok in zip(models, names, sources, tokenizers):
+        started = time.perf_counter()
+        same_as_ref = (
+            ref_source is not None and source.folder == ref_source.folder and (source.gguf_file == ref_source.gguf_file)
+        )
+        model = ref_model if same_as_ref else load_model(source, torch_dtype, device)
+        torch.manual_seed(seed)
+        row: dict[str, Any] = {
+            "label": name,
+            "model": spec,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "perplexity": None,
+            "fidelity": None,
+            "tasks": {},
+        }
+        if texts is not None:
+            stream = stream_for(tok)
+            row["perplexity"] = perplexity(model, stream, context_len, stride, batch_size, progress)
+            if ref_model is not None:
+                row["fidelity"] = fidelity(model, ref_model, stream, context_len, stride, batch_size, progress)
+        if task_list:
+            row["tasks"] = run_tasks(model, tok, task_list, manager, limit, batch_size, seed)
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        rows.append(row)
+        if model is not ref_model:
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    result = {
+        "format": EVAL_FORMAT,
+        "version": EVAL_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {
+            "data": data,
+            "context_len": context_len,
+            "stride": context_len if stride is None else stride,
+            "max_tokens": max_tokens,
+            "tasks": [shown for shown, _ in task_list],
+            "task_data_dir": str(task_data_dir) if task_data_dir is not None else None,
+            "limit": limit,
+            "num_fewshot": 0,
+            "batch_size": batch_size,
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "device": device,
+            "seed": seed,
+            "torch": torch.__version__,
+            "lm_eval": _version("lm_eval") if task_list else None,
+        },
+        "reference": reference,
+        "models": rows,
+    }
+    if out is not None:
+        write_eval(result, out)
+    return result
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package.replace("_", "-"))
+    except PackageNotFoundError:
+        return None
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The models of an eval.json side by side: one column per model, one row per measurement."""
+    models = result["models"]
+    settings = result["settings"]
+    header = "| | " + " | ".join(m["label"] for m in models) + " |"
+    lines = [header, "|---|" + "---:|" * len(models)]
+
+    def add(name: str, cells: list[str]) -> None:
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    if any(m["perplexity"] for m in models):
+        tokens = next(m["perplexity"]["tokens"] for m in models if m["perplexity"])
+        add(
+            f"perplexity ({tokens:,} tokens, context {settings['context_len']}, stride {settings['stride']})",
+            [_fmt(m["perplexity"] and m["perplexity"]["ppl"], 2) for m in models],
+        )
+    if any(m["fidelity"] for m in models):
+        add("KL(reference ‖ model), nats/token", [_fmt(m["fidelity"] and m["fidelity"]["kl"], 4) for m in models])
+        add("top-1 agreement with reference", [_fmt(m["fidelity"] and m["fidelity"]["top1"], 4) for m in models])
+    accs: list[list[float]] = [[] for _ in models]
+    for task in settings["tasks"]:
+        first = next(m["tasks"][task] for m in models if task in m["tasks"])
+        has_norm = "acc_norm" in first
+        cells = []
+        for i, m in enumerate(models):
+            metrics = m["tasks"].get(task, {})
+            cell = _fmt(metrics.get("acc"))
+            if has_norm:
+                cell += " / " + _fmt(metrics.get("acc_norm"))
+            if "perplexity" in metrics:
+                cell += f" (ppl {metrics['perplexity']:.2f})"
+            if "acc" in metrics:
+                accs[i].append(metrics["acc"])
+            cells.append(cell)
+        what = "acc / acc_norm" if has_norm else "acc (ppl)" if "perplexity" in first else "acc"
+        add(f"{task} {what}, n={first.get('samples', '?')}", cells)
+    if len(settings["tasks"]) > 1:
+        add("mean acc", [_fmt(sum(a) / len(a)) if a else "–" for a in accs])
+    return "\n".join(lines) + "\n"
+
+
+def write_eval(result: dict[str, Any], out: Path) -> None:
+    """eval.json and the Markdown table beside it (eval.md), each written to a temporary file and renamed."""
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(result, indent=2) + "\n"), (out.with_suffix(".md"), markdown_table(result))):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
