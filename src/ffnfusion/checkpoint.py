@@ -2,6 +2,10 @@
 
 A checkpoint is written into a hidden temporary folder beside the destination and renamed into place only when
 complete, so an interrupted run never leaves a half-written model under the final name.
+
+Models larger than memory are streamed: the reader serves one tensor at a time, and the writer lays out every shard
+(header and offsets) from the tensors' names, shapes and dtypes before any data exists, then writes each tensor into
+its place as it is produced. The files are byte-identical to what safetensors' save_file writes for the same shards.
 """
 
 from __future__ import annotations
