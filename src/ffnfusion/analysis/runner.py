@@ -1,0 +1,157 @@
+"""Sub-block-level execution of a DeciLM model, with the prefix activations of one batch cached.
+
+Every supported family is first converted to DeciLM (`fuse_model(model, Plan())`, exact), so the analysis has one
+module structure to drive: layer i is `x += o_proj(attend(N1(x)))` then `x += mlp(N2(x))`. The runner evaluates
+these sub-blocks one at a time, so a perturbed run can start from the cached input of the sub-block it perturbs
+instead of from the embeddings, and counts every evaluation for the cost figure in analysis.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# Rows of the flattened [tokens, vocab] logits handled at once: bounds the float32 temporaries to ~256 MiB.
+_LOGIT_ELEMENTS = 2**26
+
+
+@dataclass
+class Prefix:
+    """Residual-stream states of one batch through the base model (attention in `removed` skipped).
+
+    attn_in[i] is layer i's input (attn_in[L] the last layer's output), ffn_in[i] FFN i's input, attn_out[i] and
+    ffn_out[i] the sub-blocks' residual contributions (attn_out[i] is None where the attention is removed).
+    """
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attn_in: list[torch.Tensor]
+    ffn_in: list[torch.Tensor]
+    attn_out: list[torch.Tensor | None]
+    ffn_out: list[torch.Tensor]
+
+
+@dataclass
+class EvalCounter:
+    """Sub-block and lm_head evaluations per named part of the analysis (one batch = one unit of work)."""
+
+    sub_blocks: dict[str, int] = field(default_factory=dict)
+    lm_heads: dict[str, int] = field(default_factory=dict)
+
+    def add(self, part: str, sub_blocks: int = 0, lm_heads: int = 0) -> None:
+        self.sub_blocks[part] = self.sub_blocks.get(part, 0) + sub_blocks
+        self.lm_heads[part] = self.lm_heads.get(part, 0) + lm_heads
+
+
+class SubBlockRunner:
+    """Runs a DeciLM model (one plain layer per original layer) sub-block by sub-block."""
+
+    def __init__(self, model: torch.nn.Module, tick: Callable[[int], None] | None = None):
+        layers = list(model.model.layers)
+        if any(getattr(layer, "parallel", 1) != 1 or not layer.has_attention or not layer.has_ffn for layer in layers):
+            raise ValueError("analysis needs the unmodified model: every layer with its own attention and FFN")
+        self.model = model
+        self.layers = layers
+        self.num_layers = len(layers)
+        self.counter = EvalCounter()
+        self.part = "baseline"
+        self._tick = tick
+
+    def _count(self, sub_blocks: int = 0, lm_heads: int = 0) -> None:
+        self.counter.add(self.part, sub_blocks, lm_heads)
+        if self._tick is not None and sub_blocks:
+            self._tick(sub_blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        x = self.model.model.embed_tokens(ids)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        return x, self.model.model.rotary_emb(x, positions)
+
+    def attention(self, i: int, x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Attention i's residual contribution (causal, no padding: calibration windows are full)."""
+        layer = self.layers[i]
+        self._count(1)
+        return layer.self_attn.o_proj(layer.self_attn.attend(layer.input_layernorm(x), pe, None, None))
+
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[i]
+        self._count(1)
+        return layer.mlp(layer.post_attention_layernorm(x))
+
+    def prefix(self, ids: torch.Tensor, removed: set[int]) -> Prefix:
+        x, pe = self.embed(ids)
+        attn_in, ffn_in, attn_out, ffn_out = [], [], [], []
+        for i in range(self.num_layers):
+            attn_in.append(x)
+            a = None if i in removed else self.attention(i, x, pe)
+            if a is not None:
+                x = x + a
+            attn_out.append(a)
+            ffn_in.append(x)
+            f = self.ffn(i, x)
+            ffn_out.append(f)
+            x = x + f
+        attn_in.append(x)
+        return Prefix(pe, attn_in, ffn_in, attn_out, ffn_out)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        pe: tuple[torch.Tensor, torch.Tensor],
+        layers: Iterable[int],
+        removed: set[int],
+        on_layer: Callable[[int, torch.Tensor | None, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Run whole layers from x; on_layer(j, attention contribution or None, FFN contribution) sees each."""
+        for j in layers:
+            a = None if j in removed else self.attention(j, x, pe)
+            if a is not None:
+                x = x + a
+            f = self.ffn(j, x)
+            x = x + f
+            if on_layer is not None:
+                on_layer(j, a, f)
+        return x
+
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 next-token log-probabilities [tokens, vocab] of a final residual stream [batch, seq, hidden]."""
+        self._count(lm_heads=1)
+        flat = x.reshape(-1, x.shape[-1])
+        rows = max(1, _LOGIT_ELEMENTS // self.model.config.vocab_size)
+        out = [self._chunk_log_probs(flat[r : r + rows]) for r in range(0, flat.shape[0], rows)]
+        return torch.cat(out)
+
+    def _chunk_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.model.lm_head(self.model.model.norm(x)).float(), dim=-1)
+
+    def compare_to_teacher(
+        self, x: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over tokens of KL(teacher || model), sum of next-token cross-entropy), float64 0-d tensors.
+
+        x is the student's final residual stream; teacher its cached log-probs; targets the next token of each
+        position (-100 where there is none). Chunked so the student's logits never exist all at once.
+        """
+        self._count(lm_heads=1)
+        flat = x.reshape(-1, x.shape[-1])
+        rows = max(1, _LOGIT_ELEMENTS // self.model.config.vocab_size)
+        kl = torch.zeros((), dtype=torch.float64, device=x.device)
+        ce = torch.zeros((), dtype=torch.float64, device=x.device)
+        for r in range(0, flat.shape[0], rows):
+            logq = self._chunk_log_probs(flat[r : r + rows])
+            kl += F.kl_div(logq, teacher[r : r + rows], log_target=True, reduction="sum").double()
+            ce += F.nll_loss(logq, targets[r : r + rows], ignore_index=-100, reduction="sum").double()
+        return kl, ce
+
+
+def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
+    """Flattened [batch * seq] next-token ids, -100 at each sequence's last position."""
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    return targets.reshape(-1)

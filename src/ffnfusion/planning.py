@@ -1,0 +1,471 @@
+"""The `plan` stage: analysis.json + budgets -> plan.json (what to remove, fuse and parallelize), with predictions.
+
+1. Attention to remove: lowest KL first (the analysis' per-layer scores), until the budget is spent:
+   `remove_attention` N layers in all (those removed in the analysis included), or while the estimated KL stays
+   <= `max_kl`, or until the predicted sequential depth reaches `target_depth`. Static scores estimate the KL of
+   removing several attentions as the base KL plus the sum of the single-removal increments; the iterative mode
+   (`rescore`) instead re-measures every remaining attention on the model after each removal, so it follows
+   interactions and its KL is measured, not estimated.
+2. Fusion: attention removal leaves runs of FFNs that execute back to back (layer s keeps its attention, layers
+   s+1..e lose theirs). The last FFN of each run is left out of fusion by default (the paper found fusing it costs
+   the most quality). A run longer than `max_group` is split into windows by dynamic programming: the fewest groups
+   of at most `max_group` FFNs (each group is one sequential step), and among those the split with the smallest
+   total dependency sum(M[i][j]) inside the groups, which is exactly the interaction that fusion discards. The DP is
+   exact (O(n * max_group) windows per run) where a greedy left-to-right fill would cut wherever the size limit
+   falls, even through the most dependent pair; `max_dependency` additionally forbids any group holding a pair
+   with M above it.
+3. Optionally (`parallel_threshold`), runs of intact layers whose block dependencies are all below the threshold
+   become parallel blocks, split the same way with `max_parallel` members at most.
+4. Predictions: sequential sub-blocks (depth) and a latency from a per-sub-block cost model, which measured
+   numbers (`CostModel.load`) replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ffnfusion.analysis.schema import Analysis
+from ffnfusion.plan import ENGINE_WIDTH_MULTIPLE, Block, Plan, plan_blocks, sequential_sub_blocks, validate_plan
+
+SPLIT_ALGORITHM = (
+    "dynamic programming per run: fewest groups of <= max_group FFNs, then least total in-group dependency sum(M[i][j])"
+)
+
+# Given the current removed set, the KL of removing each remaining attention as well (iterative mode).
+Rescorer = Callable[[set[int]], dict[int, float]]
+
+
+class CostModel(BaseModel):
+    """Latency of one decode step as a sum over the fused model's blocks.
+
+    latency = fixed + sum over blocks of (attention compute of each member with attention
+              + ffn compute * fused width / base width + overhead per sequential sub-block)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    attention_ms: float = Field(ge=0, description="one attention sub-block's compute")
+    ffn_ms: float = Field(ge=0, description="one FFN sub-block of the base width; wider fused FFNs scale linearly")
+    overhead_ms: float = Field(ge=0, description="per sequential sub-block: launches, synchronisation, all-reduce")
+    fixed_ms: float = Field(ge=0, description="embeddings, final norm, lm_head, sampling")
+    base_width: int = Field(gt=0, description="FFN width that ffn_ms is measured at")
+    source: str = "analytic"
+
+    @classmethod
+    def analytic(
+        cls, analysis: Analysis, bytes_per_param: float = 2.0, bandwidth: float = 2.0e12, overhead_ms: float = 0.01
+    ) -> CostModel:
+        """Batch-1 decode is memory-bound: time = weight bytes / bandwidth, plus a fixed cost per sub-block.
+
+        Defaults: bf16 weights, 2 TB/s effective bandwidth (an H100 with HBM3), 10 us of kernel launches and
+        synchronisation per sub-block in eager mode; replace with measured numbers for real predictions.
+        """
+        m = analysis.model
+        head_dim = m.hidden_size // m.num_attention_heads
+        attn_params = 2 * m.hidden_size * m.num_attention_heads * head_dim
+        attn_params += 2 * m.hidden_size * m.num_key_value_heads * head_dim
+        base = max(set(m.ffn_widths), key=m.ffn_widths.count)
+        to_ms = bytes_per_param / bandwidth * 1e3
+        return cls(
+            attention_ms=attn_params * to_ms,
+            ffn_ms=3 * m.hidden_size * base * to_ms,
+            overhead_ms=overhead_ms,
+            fixed_ms=0.0,
+            base_width=base,
+            source=(
+                f"analytic: {bytes_per_param:g} bytes/param at {bandwidth / 1e12:g} TB/s, "
+                f"{overhead_ms * 1e3:g} us per sub-block (lm_head not counted)"
+            ),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, analysis: Analysis) -> CostModel:
+        """Measured costs from JSON; keys left out keep their analytic value, e.g. {"overhead_ms": 0.05}."""
+        path = Path(path)
+        try:
+            measured = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"cost file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cost file {path} is not valid JSON ({e}).") from None
+        if not isinstance(measured, dict):
+            raise ValueError(f'cost file {path} must hold a JSON object like {{"attention_ms": 0.02, ...}}.')
+        merged = cls.analytic(analysis).model_dump() | {"source": f"measured: {path.name}"} | measured
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"cost file {path}: {problems}") from None
+
+    def block_ms(self, block: Block, widths: list[int]) -> float:
+        if block.kind == "parallel":
+            members = len(block.layers)
+            compute = members * self.attention_ms
+        else:
+            compute = self.attention_ms if block.attention_from is not None else 0.0
+        width = sum(widths[i] for i in block.ffn_from)
+        compute += self.ffn_ms * width / self.base_width
+        return compute + self.overhead_ms * block.sequential_sub_blocks
+
+    def latency_ms(self, blocks: list[Block], widths: list[int]) -> float:
+        return self.fixed_ms + sum(self.block_ms(b, widths) for b in blocks)
+
+
+@dataclass
+class PlanSearch:
+    """The plan and what the search saw on the way (for the CLI summary)."""
+
+    plan: Plan
+    removal: list[tuple[int, float]] = field(default_factory=list)  # (layer, KL after removing it), in order
+    depth_before: int = 0
+    depth_after: int = 0
+    latency_before: float = 0.0
+    latency_after: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def attention_free_runs(num_layers: int, removed: set[int]) -> list[list[int]]:
+    """Maximal runs of layers whose FFNs execute back to back: [s, s+1, ..., e] with attention removed in s+1..e."""
+    runs, current = [], [0]
+    for i in range(1, num_layers):
+        if i in removed:
+            current.append(i)
+        else:
+            runs.append(current)
+            current = [i]
+    runs.append(current)
+    return [r for r in runs if len(r) >= 2]
+
+
+def _pairs(matrix: list[list[float | None]], group: list[int]) -> list[float]:
+    return [matrix[i][j] or 0.0 for a, i in enumerate(group) for j in group[a + 1 :]]
+
+
+def split_windows(
+    layers: list[int], matrix: list[list[float | None]], max_group: int, max_dependency: float | None = None
+) -> list[list[int]]:
+    """Partition consecutive `layers` into groups (see the module docstring); singletons mean 'not fused'."""
+    n = len(layers)
+    inf = (float("inf"), float("inf"))
+    best: list[tuple[float, float]] = [(0, 0.0)] + [inf] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - max_group), end):
+            pairs = _pairs(matrix, layers[start:end])
+            if pairs and max_dependency is not None and max(pairs) > max_dependency:
+                continue
+            candidate = (best[start][0] + 1, best[start][1] + sum(pairs))
+            if candidate < best[end]:
+                best[end], cut[end] = candidate, start
+    groups, end = [], n
+    while end > 0:
+        groups.append(layers[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def _fusion_groups(
+    analysis: Analysis, removed: set[int], max_group: int, fuse_last: bool, max_dependency: float | None
+) -> list[list[int]]:
+    groups = []
+    for run in attention_free_runs(analysis.num_layers, removed):
+        candidate = run if fuse_last else run[:-1]
+        if len(candidate) >= 2:
+            groups += [
+                g for g in split_windows(candidate, analysis.ffn_dependency, max_group, max_dependency) if len(g) > 1
+            ]
+    return groups
+
+
+def _parallel_groups(
+    analysis: Analysis, removed: set[int], fused: list[list[int]], threshold: float, max_parallel: int
+) -> list[list[int]]:
+    if analysis.model.has_o_bias:
+        return []
+    taken = {i for g in fused for i in g} | removed
+    widths = analysis.model.ffn_widths
+    groups, run = [], []
+    for i in [*range(analysis.num_layers), None]:
+        if i is not None and i not in taken and (not run or widths[i] == widths[run[-1]]):
+            run.append(i)
+            continue
+        if len(run) >= 2:
+            split = split_windows(run, analysis.block_dependency, max_parallel, threshold)
+            groups += [g for g in split if len(g) > 1]
+        run = [i] if i is not None and i not in taken else []
+    return groups
+
+
+def build_plan(
+    analysis: Analysis,
+    removed: set[int],
+    max_group: int,
+    fuse_last: bool = False,
+    max_dependency: float | None = None,
+    parallel_threshold: float | None = None,
+    max_parallel: int = 2,
+) -> Plan:
+    """The plan for a given set of removed attentions (fusion and parallel groups follow from it)."""
+    fused = _fusion_groups(analysis, removed, max_group, fuse_last, max_dependency)
+    parallel = (
+        _parallel_groups(analysis, removed, fused, parallel_threshold, max_parallel)
+        if parallel_threshold is not None
+        else []
+    )
+    return Plan(remove_attention=sorted(removed), fuse_ffn=fused, parallel_blocks=parallel)
+
+
+def depth(plan: Plan, num_layers: int) -> int:
+    return sequential_sub_blocks(plan_blocks(plan, num_layers))
+
+
+def search_plan(
+    analysis: Analysis,
+    remove_attention: int | None = None,
+    max_kl: float | None = None,
+    max_group: int = 8,
+    target_depth: int | None = None,
+    fuse_last: bool = False,
+    max_dependency: float | None = None,
+    parallel_threshold: float | None = None,
+    max_parallel: int = 2,
+    costs: CostModel | None = None,
+    rescore: Rescorer | None = None,
+) -> PlanSearch:
+    """Choose attention removals under the budgets, then fusion (and parallel) groups; see the module docstring."""
+    if remove_attention is not None and max_kl is not None:
+        raise ValueError("give either --remove-attention N or --max-kl X, not both.")
+    if remove_attention is not None and remove_attention < 0:
+        raise ValueError(f"--remove-attention must be >= 0 (got {remove_attention}).")
+    if max_group < 2:
+        raise ValueError(f"--max-group must be at least 2 (got {max_group}): a group of one fuses nothing.")
+    if max_parallel < 2:
+        raise ValueError(f"--max-parallel must be at least 2 (got {max_parallel}).")
+    n = analysis.num_layers
+    if target_depth is not None and target_depth < 1:
+        raise ValueError(f"--target-depth must be at least 1 (got {target_depth}).")
+    costs = costs or CostModel.analytic(analysis)
+    widths = analysis.model.ffn_widths
+
+    def make(removed: set[int]) -> Plan:
+        return build_plan(analysis, removed, max_group, fuse_last, max_dependency, parallel_threshold, max_parallel)
+
+    base = set(analysis.settings.remove_attention)
+    removed = set(base)
+    static = analysis.kl_by_layer()
+    kl = analysis.base_kl
+    steps: list[tuple[int, float]] = []
+    warnings: list[str] = []
+    plan = make(removed)
+    budgeted = remove_attention is not None or max_kl is not None or target_depth is not None
+    while budgeted:
+        if remove_attention is not None and len(removed) >= remove_attention:
+            break
+        if target_depth is not None and depth(plan, n) <= target_depth:
+            break
+        scores = rescore(removed) if rescore is not None else {i: s for i, s in static.items() if i not in removed}
+        if not scores:
+            break
+        layer = min(scores, key=lambda i: (scores[i], i))
+        # Static scores each include the base model's own KL; only the increment adds up.
+        next_kl = scores[layer] if rescore is not None else kl + max(scores[layer] - analysis.base_kl, 0.0)
+        if max_kl is not None and next_kl > max_kl:
+            break
+        removed.add(layer)
+        kl = next_kl
+        steps.append((layer, next_kl))
+        plan = make(removed)
+
+    depth_after = depth(plan, n)
+    if target_depth is not None and depth_after > target_depth:
+        warnings.append(
+            f"target depth {target_depth} not reached (predicted {depth_after}): the attention budget or the "
+            "available layers ran out; raise the budget or --max-group"
+        )
+    if remove_attention is not None and len(removed) < remove_attention and target_depth is None:
+        warnings.append(f"only {len(removed)} attention sub-blocks could be removed (asked for {remove_attention})")
+    if remove_attention is not None and len(base) > remove_attention:
+        warnings.append(
+            f"the analysis was measured with {len(base)} attention sub-blocks already removed, more than the budget "
+            f"of {remove_attention}; they stay removed"
+        )
+    engine_widths = all(w % ENGINE_WIDTH_MULTIPLE == 0 for w in widths)
+    validate_plan(plan, n, widths, require_engine_widths=engine_widths, has_o_bias=analysis.model.has_o_bias)
+
+    original = Plan()
+    depth_before = depth(original, n)
+    latency_before = costs.latency_ms(plan_blocks(original, n), widths)
+    latency_after = costs.latency_ms(plan_blocks(plan, n), widths)
+    plan.info = _info(
+        analysis,
+        plan,
+        steps,
+        kl,
+        rescore is not None,
+        dict(
+            remove_attention=remove_attention,
+            max_kl=max_kl,
+            max_group=max_group,
+            target_depth=target_depth,
+            fuse_last=fuse_last,
+            max_dependency=max_dependency,
+            parallel_threshold=parallel_threshold,
+            max_parallel=max_parallel,
+        ),
+        {"original": depth_before, "plan": depth_after},
+        {
+            "unit": "ms per decode step",
+            "original": round(latency_before, 6),
+            "plan": round(latency_after, 6),
+            "speedup": round(latency_before / latency_after, 4) if latency_after else None,
+            "cost_model": costs.model_dump(),
+        },
+        warnings,
+    )
+    return PlanSearch(plan, steps, depth_before, depth_after, latency_before, latency_after, warnings)
+
+
+def _info(
+    analysis: Analysis,
+    plan: Plan,
+    steps: list[tuple[int, float]],
+    kl: float,
+    iterative: bool,
+    budgets: dict[str, Any],
+    depths: dict[str, int],
+    latency: dict[str, Any],
+    warnings: list[str],
+) -> dict[str, Any]:
+    from ffnfusion import __version__
+
+    m = analysis.model
+    return {
+        "created_by": f"ffnfusion {__version__} plan",
+        "model": {"name": m.name, "model_type": m.model_type, "num_layers": m.num_layers, "config_hash": m.config_hash},
+        "analysis": {
+            "schema_version": analysis.schema_version,
+            "tokens_sha256": analysis.calibration.tokens_sha256,
+            "remove_attention": analysis.settings.remove_attention,
+        },
+        "budgets": budgets,
+        "attention_selection": "iterative (re-scored after each removal)" if iterative else "static (analysis KL)",
+        "removal_order": [{"layer": layer, "kl": round(v, 6)} for layer, v in steps],
+        "predicted_kl": round(kl, 6),
+        "predicted_kl_is": "measured on the calibration data" if iterative or not steps else "additive estimate",
+        "fusion": {
+            "split_algorithm": SPLIT_ALGORITHM,
+            "groups": [
+                {
+                    "layers": g,
+                    "max_dependency": round(max(_pairs(analysis.ffn_dependency, g)), 6),
+                    "sum_dependency": round(sum(_pairs(analysis.ffn_dependency, g)), 6),
+                }
+                for g in plan.fuse_ffn
+            ],
+        },
+        "parallel": [
+            {"layers": g, "max_block_dependency": round(max(_pairs(analysis.block_dependency, g)), 6)}
+            for g in plan.parallel_blocks
+        ],
+        "predicted": {"sequential_sub_blocks": depths, "latency": latency},
+        "warnings": warnings,
+    }
+
+
+def write_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> Path:
+    """Write plan.json atomically (a temporary file renamed into place)."""
+    out = Path(out)
+    if out.is_dir():
+        raise FileExistsError(f"{out} is a folder; give --out a file name such as plan.json.")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp.write_text(plan.model_dump_json(indent=2) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def check_model(analysis: Analysis, model: str) -> None:
+    """Refuse an analysis made from another model than MODEL (compares the architecture, no weights loaded)."""
+    from ffnfusion.adapters import adapter_for
+    from ffnfusion.analysis.run import model_identity
+    from ffnfusion.analysis.schema import check_same_model
+    from ffnfusion.source import resolve_model
+
+    hf_config = resolve_model(model).config()
+    identity = model_identity(model, adapter_for(hf_config).decilm_config(hf_config), None)
+    check_same_model(analysis, identity)
+
+
+def iterative_rescorer(
+    analysis: Analysis,
+    model: str | None = None,
+    data: str | None = None,
+    samples: int | None = None,
+    seq_len: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Rescorer:
+    """A Rescorer that re-measures attention KL on the model itself (the model and data of the analysis by default).
+
+    Each call costs about (L+1)/2 full forward passes over the calibration tokens plus one per batch, so N removals
+    cost about N times the attention part of `analyze`; fewer --samples make it proportionally cheaper.
+    """
+    import torch
+
+    from ffnfusion.adapters import adapter_for
+    from ffnfusion.analysis.attention import score_attention
+    from ffnfusion.analysis.run import model_identity, resolve_device, resolve_dtype
+    from ffnfusion.analysis.runner import SubBlockRunner
+    from ffnfusion.analysis.schema import check_same_model
+    from ffnfusion.data import calibration_tokens
+    from ffnfusion.fuse import fuse_model
+    from ffnfusion.source import ModelSourceError, load_model, resolve_model
+
+    say = log or (lambda _msg: None)
+    spec = model or analysis.model.name
+    source = resolve_model(spec)
+    hf_config = source.config()
+    decilm_config = adapter_for(hf_config).decilm_config(hf_config)
+    check_same_model(analysis, model_identity(spec, decilm_config, None))
+    cal = analysis.calibration
+    dev = resolve_device(device or analysis.settings.device)
+    torch_dtype = resolve_dtype(dtype or analysis.settings.dtype, dev)
+    say(f"iterative mode: loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
+    hf_model = load_model(source, torch_dtype, dev)
+    tokenizer = source.tokenizer()
+    if tokenizer is None:
+        raise ModelSourceError(f"{spec} has no tokenizer; iterative re-scoring needs one.")
+    tokens = calibration_tokens(
+        data or cal.data,
+        tokenizer,
+        samples or cal.samples,
+        seq_len or cal.seq_len,
+        cal.seed,
+        model=hf_model,
+        model_key=analysis.model.config_hash,
+        text_field=cal.text_field,
+    )
+    decilm = fuse_model(hf_model, Plan())
+    del hf_model
+    check_same_model(analysis, model_identity(spec, decilm_config, decilm), compare_weights=True)
+    runner = SubBlockRunner(decilm)
+    size = batch_size or analysis.settings.batch_size
+
+    def rescore(removed: set[int]) -> dict[int, float]:
+        say(f"re-scoring {analysis.num_layers - len(removed)} attention sub-blocks with {sorted(removed)} removed")
+        with torch.inference_mode():
+            result = score_attention(runner, tokens, set(removed), size)
+        return {i: kl for i, (kl, _ce) in result.scores.items()}
+
+    return rescore
