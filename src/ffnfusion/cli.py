@@ -215,189 +215,6 @@ def plan_(
 
 
 @app.command()
-def analyze(
-    model: Annotated[str, typer.Argument(help="original model: hub id, local folder, or .gguf file")],
-    out: Annotated[Path, typer.Option(help="output folder: analysis.json and heatmap PNGs")],
-    data: Annotated[
-        str, typer.Option(help="calibration text: file, folder, .jsonl, .parquet, datasets name, or `self`")
-    ] = "self",
-    samples: Annotated[int, typer.Option(help="calibration sequences")] = 64,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
-    seed: Annotated[int, typer.Option(help="chooses the sequences (and seeds `self` sampling)")] = 0,
-    text_field: Annotated[str, typer.Option(help="text column of .jsonl/.parquet/datasets")] = "text",
-    remove_attention: Annotated[
-        str | None, typer.Option(help="measure with these attention sub-blocks removed, e.g. 12,13,20-23")
-    ] = None,
-    plan: Annotated[Path | None, typer.Option(help="measure with this plan's remove_attention applied")] = None,
-    max_window: Annotated[int, typer.Option(help="longest window (layers) of the window scores")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 where native), float32, bfloat16, float16")] = "auto",
-    batch_size: Annotated[int | None, typer.Option(help="sequences per batch (default: 16 on GPU, 8 on CPU)")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
-) -> None:
-    """Measure sub-block statistics, attention importance (KL) and FFN/block dependency matrices; draw heatmaps."""
-    from ffnfusion.analysis import analyze as run_analyze
-
-    try:
-        result = run_analyze(
-            model,
-            out,
-            data=data,
-            samples=samples,
-            seq_len=seq_len,
-            seed=seed,
-            text_field=text_field,
-            remove_attention=remove_attention,
-            plan=plan,
-            max_window=max_window,
-            device=device,
-            dtype=dtype,
-            batch_size=batch_size,
-            overwrite=overwrite,
-            show_progress=True,
-            log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
-        )
-    except USER_ERRORS as e:
-        fail(e)
-    a = result.analysis
-    n = a.num_layers
-    shape = f"{n} layers, {a.calibration.samples} x {a.calibration.seq_len} tokens"
-    table = Table(title=f"analysis of {a.model.name}: {shape}")
-    table.add_column("layer", justify="right")
-    table.add_column("attn KL", justify="right")
-    table.add_column("attn |h|/|x|", justify="right")
-    table.add_column("FFN |h|/|x|", justify="right")
-    table.add_column("FFN max dependency of later FFNs", justify="right")
-    kl = a.kl_by_layer()
-    for s in a.layers:
-        row = [v for v in a.ffn_dependency[s.layer] if v is not None]
-        table.add_row(
-            str(s.layer),
-            f"{kl[s.layer]:.4f}" if s.layer in kl else "removed",
-            f"{s.attention.rel_norm:.3f}" if s.attention else "-",
-            f"{s.ffn.rel_norm:.3f}",
-            f"{max(row):.4f}" if row else "-",
-        )
-    console.print(table)
-    order = sorted(kl, key=lambda i: (kl[i], i))[:8]
-    console.print(f"lowest-KL attention (safest to remove first): {order}")
-    best = sorted((w for w in a.ffn_windows if w.end - w.start >= 2), key=lambda w: (w.max, w.start))[:3]
-    if best:
-        windows = ", ".join(f"{w.start}-{w.end} (max M {w.max:.4f})" for w in best)
-        console.print(f"least dependent windows of 3+ FFNs: {windows}")
-    console.print(
-        f"cost: {a.cost.total_forward_equivalents:.1f} full-forward equivalents in all "
-        f"(FFN matrix {a.cost.parts['ffn_dependency'].forward_equivalents:.1f}, "
-        f"block matrix {a.cost.parts['block_dependency'].forward_equivalents:.1f}, "
-        f"attention {a.cost.parts['attention'].forward_equivalents:.1f}; "
-        f"without prefix caching each matrix would cost {a.cost.naive_forward_equivalents_per_matrix})"
-    )
-    console.print(
-        f"wrote {result.out}/analysis.json and heatmaps in {result.seconds:.1f} s "
-        f"(measuring {result.measure_seconds:.1f} s) on {result.device}"
-    )
-
-
-@app.command("plan")
-def plan_(
-    analysis: Annotated[Path, typer.Argument(help="analysis.json (or the folder holding it) from `ffnfusion analyze`")],
-    out: Annotated[Path, typer.Option(help="plan.json to write")],
-    remove_attention: Annotated[
-        int | None, typer.Option(help="budget: this many attention sub-blocks removed in all (lowest KL first)")
-    ] = None,
-    max_kl: Annotated[
-        float | None, typer.Option(help="budget: remove attention while the predicted KL stays <= this")
-    ] = None,
-    target_depth: Annotated[
-        int | None, typer.Option(help="remove attention until at most this many sub-blocks run in sequence")
-    ] = None,
-    max_group: Annotated[int, typer.Option(help="most FFNs in one fused group")] = 8,
-    fuse_last: Annotated[bool, typer.Option(help="also fuse the last FFN of each attention-free run")] = False,
-    max_dependency: Annotated[
-        float | None, typer.Option(help="never fuse two FFNs whose dependency M[i][j] exceeds this")
-    ] = None,
-    parallel_threshold: Annotated[
-        float | None, typer.Option(help="run intact layers as parallel blocks where block dependency <= this")
-    ] = None,
-    max_parallel: Annotated[int, typer.Option(help="most layers in one parallel block")] = 2,
-    costs: Annotated[
-        Path | None, typer.Option(help="measured costs, JSON: attention_ms, ffn_ms, overhead_ms, fixed_ms")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="check the analysis was made from this model (needed by --iterative if moved)")
-    ] = None,
-    iterative: Annotated[
-        bool, typer.Option(help="re-score attention on the model after each removal (loads the model; slower)")
-    ] = False,
-    data: Annotated[str | None, typer.Option(help="--iterative: calibration text (default: the analysis')")] = None,
-    samples: Annotated[int | None, typer.Option(help="--iterative: sequences (default: the analysis')")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="--iterative: tokens per sequence")] = None,
-    device: Annotated[str | None, typer.Option(help="--iterative: cpu or cuda (default: the analysis')")] = None,
-    dtype: Annotated[str | None, typer.Option(help="--iterative: dtype (default: the analysis')")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="--iterative: sequences per batch")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
-) -> None:
-    """Choose what to remove, fuse and parallelize under a budget; predict depth and latency; write plan.json."""
-    from ffnfusion.analysis import load_analysis
-    from ffnfusion.planning import CostModel, check_model, iterative_rescorer, search_plan, write_plan
-
-    try:
-        a = load_analysis(analysis)
-        if model is not None and not iterative:
-            check_model(a, model)
-        cost_model = CostModel.load(costs, a) if costs is not None else None
-        rescore = None
-        if iterative:
-            rescore = iterative_rescorer(
-                a,
-                model=model,
-                data=data,
-                samples=samples,
-                seq_len=seq_len,
-                device=device,
-                dtype=dtype,
-                batch_size=batch_size,
-                log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
-            )
-        result = search_plan(
-            a,
-            remove_attention=remove_attention,
-            max_kl=max_kl,
-            max_group=max_group,
-            target_depth=target_depth,
-            fuse_last=fuse_last,
-            max_dependency=max_dependency,
-            parallel_threshold=parallel_threshold,
-            max_parallel=max_parallel,
-            costs=cost_model,
-            rescore=rescore,
-        )
-        write_plan(result.plan, out, overwrite=overwrite)
-    except USER_ERRORS as e:
-        fail(e)
-    p, info = result.plan, result.plan.info
-    table = Table(title=f"plan for {a.model.name}: {out}")
-    table.add_column("")
-    table.add_column("value")
-    table.add_row("remove attention", str(p.remove_attention))
-    table.add_row("  chosen here, in order (KL after)", ", ".join(f"{i} ({k:.4f})" for i, k in result.removal) or "-")
-    table.add_row("fuse FFN groups", str(p.fuse_ffn))
-    if p.parallel_blocks:
-        table.add_row("parallel blocks", str(p.parallel_blocks))
-    table.add_row(f"predicted KL ({info['predicted_kl_is']})", f"{info['predicted_kl']:.4f}")
-    table.add_row("sequential sub-blocks", f"{result.depth_before} -> {result.depth_after}")
-    latency = info["predicted"]["latency"]
-    table.add_row(
-        "predicted latency (ms/token)",
-        f"{result.latency_before:.4f} -> {result.latency_after:.4f} ({latency['speedup']:.3f}x)",
-    )
-    table.add_row("cost model", latency["cost_model"]["source"])
-    console.print(table)
-    for warning in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}")
-
-
-@app.command()
 def fuse(
     model: Annotated[str, typer.Argument(help="original model: hub id, local folder, or .gguf file")],
     plan: Annotated[Path, typer.Option(help="plan.json (0-based layers of the original model)")],
@@ -461,6 +278,7 @@ def heal(
     seq_len: Annotated[int, typer.Option(help="tokens per packed training sequence")] = 512,
     max_sequences: Annotated[int | None, typer.Option(help="use at most this many sequences per --data")] = None,
     self_samples: Annotated[int, typer.Option(help="sequences to sample from the teacher for --data self")] = 256,
+    self_batch_size: Annotated[int, typer.Option(help="sequences sampled at once for --data self")] = 64,
     text_field: Annotated[str, typer.Option(help="text column of .jsonl/.parquet/datasets")] = "text",
     batch_size: Annotated[int, typer.Option(help="sequences per device per micro-batch")] = 8,
     grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
@@ -491,6 +309,7 @@ def heal(
         seq_len=seq_len,
         max_sequences=max_sequences,
         self_samples=self_samples,
+        self_batch_size=self_batch_size,
         text_field=text_field,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -596,7 +415,7 @@ def eval_(
         )
     except USER_ERRORS as e:
         fail(e)
-    console.print(markdown_table(result), markup=False, highlight=False)
+    console.print(markdown_table(result), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

@@ -12,6 +12,7 @@ stream's end, so all windows have the same length and batch without padding.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -257,6 +258,18 @@ def _task_metrics(results: dict[str, Any], lm_name: str) -> dict[str, Any]:
     return metrics
 
 
+class _DropNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+def _quiet_custom_dataset_notice() -> None:
+    """lm-eval warns once per task that reads a custom dataset (57 times for MMLU); the notice is not for our users."""
+    logger = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _DropNotice) for f in logger.filters):
+        logger.addFilter(_DropNotice())
+
+
 def run_tasks(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -273,6 +286,8 @@ def run_tasks(
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+
+    _quiet_custom_dataset_notice()
 
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix is None:

@@ -42,8 +42,11 @@ def lambada_openai(**metadata: Any) -> datasets.DatasetDict:
 
 def mmlu(subject: str, **metadata: Any) -> datasets.DatasetDict:
     data_dir = task_data_dir(metadata)
-    splits = {"test": datasets.Dataset.from_list(load_docs("mmlu", data_dir, subject, "test"))}
-    # The dev split only serves few-shot examples: zero-shot runs work without it.
+    test = datasets.Dataset.from_list(load_docs("mmlu", data_dir, subject, "test"))
+    # The dev split only serves few-shot examples; lm-eval opens it even for zero-shot runs, so a folder without
+    # dev files gets an empty one (asking for few-shot examples then fails inside lm-eval's sampler).
     if any(data_dir.rglob(f"{subject}_dev.csv")):
-        splits["dev"] = datasets.Dataset.from_list(load_docs("mmlu", data_dir, subject, "dev"))
-    return datasets.DatasetDict(splits)
+        dev = datasets.Dataset.from_list(load_docs("mmlu", data_dir, subject, "dev"))
+    else:
+        dev = test.select([])
+    return datasets.DatasetDict({"test": test, "dev": dev})
