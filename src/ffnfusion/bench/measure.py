@@ -95,6 +95,10 @@ def ffn_group_probe(
 
     Both sides run the engine's own steps (fused residual-add + RMSNorm, one gate|up GEMM, SiLU*up, one down GEMM).
     The fused FFN is built from the very same weights (norms folded into gate/up rows), so bytes moved are equal.
+    A third chain runs the k FFNs as transformers' LlamaMLP does (separate gate and up GEMMs, SiLU and the product
+    as two torch ops), to show how much of a fusion speedup a weaker sequential baseline would add.
+    `floor_ms` (weights over copy bandwidth) bounds every chain from below, so sequential_ms / floor_ms bounds
+    the speedup fusion can give.
     """
     ops = TritonOps(torch.cuda.get_device_properties(device).multi_processor_count)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -120,11 +124,17 @@ def ffn_group_probe(
             h = ops.add_rmsnorm(x, d, norms[i], eps)
             d = F.linear(ops.silu_mul(F.linear(h, gate_up[i])), down[i])
 
+    def sequential_unpacked() -> None:
+        d = delta
+        for i in range(k):
+            h = ops.add_rmsnorm(x, d, norms[i], eps)
+            d = F.linear(F.silu(F.linear(h, gate_up[i][:width])) * F.linear(h, gate_up[i][width:]), down[i])
+
     def fused() -> None:
         h = ops.add_rmsnorm(x, delta, unit, eps)
         F.linear(ops.silu_mul(F.linear(h, fused_gate_up)), fused_down)
 
-    times = graph_time_ms({"sequential": sequential, "fused": fused})
+    times = graph_time_ms({"sequential": sequential, "sequential_unpacked": sequential_unpacked, "fused": fused})
     weight_bytes = 3 * k * hidden * width * dtype.itemsize
     result = {
         "ffns": k,
@@ -134,10 +144,13 @@ def ffn_group_probe(
         "sequential_ms": times["sequential"],
         "fused_ms": times["fused"],
         "speedup": times["sequential"] / times["fused"],
+        "sequential_unpacked_ms": times["sequential_unpacked"],
+        "speedup_over_unpacked": times["sequential_unpacked"] / times["fused"],
         "weight_bytes": weight_bytes,
     }
     if copy_bw:
         result["floor_ms"] = weight_bytes / copy_bw * 1e3
+        result["max_speedup_at_floor"] = times["sequential"] / result["floor_ms"]
     return result
 
 
@@ -545,5 +558,11 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"{probe['ffns']} FFNs in sequence {probe['sequential_ms']:.3f} ms, fused {probe['fused_ms']:.3f} ms, "
             f"speedup {probe['speedup']:.2f}x"
             + (f" (memory floor {probe['floor_ms']:.3f} ms)" if "floor_ms" in probe else "")
+            + (
+                f"; in sequence with separate gate/up GEMMs {probe['sequential_unpacked_ms']:.3f} ms "
+                f"({probe['speedup_over_unpacked']:.2f}x)"
+                if "sequential_unpacked_ms" in probe
+                else ""
+            )
         )
     return "\n".join(lines)
