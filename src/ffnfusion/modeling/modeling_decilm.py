@@ -214,9 +214,11 @@ class DeciLMAttention(nn.Module):
         """Attention output before o_proj: [batch, seq, n_heads * head_dim]."""
         bsz, seq, _ = hidden_states.shape
         hd = self.head_dim
-        q = self.q_proj(hidden_states).view(bsz, seq, self.n_heads, hd)
-        k = self.k_proj(hidden_states).view(bsz, seq, self.n_kv_heads, hd)
-        v = self.v_proj(hidden_states).view(bsz, seq, self.n_kv_heads, hd)
+        # Head counts are read off the projections' outputs, not self.n_heads: under tensor parallelism q/k/v are
+        # column-sharded and this rank holds only its share of the heads.
+        q = self.q_proj(hidden_states).view(bsz, seq, -1, hd)
+        k = self.k_proj(hidden_states).view(bsz, seq, -1, hd)
+        v = self.v_proj(hidden_states).view(bsz, seq, -1, hd)
         if self.config.qk_norm:
             q = self.q_norm(q, self.parallel)
             k = self.k_norm(k, self.parallel)
@@ -227,7 +229,7 @@ class DeciLMAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.cache_index)
-        groups = self.n_heads // self.n_kv_heads
+        groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
@@ -235,7 +237,7 @@ class DeciLMAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
-        return out.transpose(1, 2).reshape(bsz, seq, self.n_heads * hd)
+        return out.transpose(1, 2).reshape(bsz, seq, -1)
 
 
 class DeciLMQKNorm(nn.Module):
