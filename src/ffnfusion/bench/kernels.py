@@ -283,6 +283,7 @@ class TritonOps:
             qkv, cos, sin, pos, q_out, k_cache, v_cache,
             qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), seq, heads, kv_heads,
             HALF=d // 2, num_warps=1,
+            enable_fp_fusion=False,  # an FMA would skip eager's rounding of x * cos before the add
         )  # fmt: skip
 
     def decode_attention(

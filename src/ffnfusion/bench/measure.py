@@ -540,9 +540,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         for r in m["runs"]:
             c = speedups.get((m["name"], r["batch"]), {})
             speed = "1 (baseline)" if not c else f"{c.get('decode_speedup', 0):.2f} (ratio {c['sub_block_ratio']:.2f})"
-            match = "-" if "greedy_match" not in r else ("yes" if r["greedy_match"] else "NO")
-            if "greedy_match" in r:
-                match += f" ({r['tokens_compared']} tokens)"
+            match = "-"
+            if r.get("greedy_match"):
+                match = f"yes ({r['tokens_compared']} tokens)"
+            elif "greedy_match" in r:
+                match = f"differs from token {r['first_mismatch']['step'] + 1}"
             peak = r.get("peak_memory_bytes")
             lines.append(
                 f"| {m['name']} | {m['sequential_sub_blocks']} | {r['batch']} | {r['prefill_ms']:.2f} "
