@@ -12,28 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ffnfusion.analysis.runner import Prefix, SubBlockRunner, next_token_targets
-
-
-@dataclass
-class Teacher:
-    """The original model's next-token log-probabilities for one batch, and the targets they are scored on."""
-
-    log_probs: torch.Tensor
-    targets: torch.Tensor
+from ffnfusion.analysis.runner import Prefix, SubBlockRunner, Teacher, next_token_targets
 
 
 def teacher_for(runner: SubBlockRunner, ids: torch.Tensor, prefix: Prefix, removed: set[int]) -> Teacher:
     """The original model's outputs; when nothing is removed the base prefix already is the original model."""
-    if removed:
-        part, runner.part = runner.part, "teacher"
-        x, pe = runner.embed(ids)
-        final = runner.run_layers(x, pe, range(runner.num_layers), set())
-        log_probs = runner.log_probs(final)
-        runner.part = part
-    else:
-        log_probs = runner.log_probs(prefix.attn_in[-1])
-    return Teacher(log_probs, next_token_targets(ids))
+    targets = next_token_targets(ids)
+    if not removed:
+        return runner.teacher(prefix.attn_in[-1], targets)
+    part, runner.part = runner.part, "teacher"
+    x, pe = runner.embed(ids)
+    teacher = runner.teacher(runner.run_layers(x, pe, range(runner.num_layers), set()), targets)
+    runner.part = part
+    return teacher
 
 
 def attention_scores_batch(
@@ -51,7 +42,7 @@ def attention_scores_batch(
         x = prefix.attn_in[i]
         x = x + runner.ffn(i, x)
         x = runner.run_layers(x, pe, range(i + 1, runner.num_layers), removed)
-        kl, ce = runner.compare_to_teacher(x, teacher.log_probs, teacher.targets)
+        kl, ce = runner.compare_to_teacher(x, teacher)
         kl_sums[i] += kl
         ce_sums[i] += ce
 
@@ -92,16 +83,13 @@ def base_totals(
     runner: SubBlockRunner, prefix: Prefix, teacher: Teacher, removed: set[int], totals: torch.Tensor
 ) -> None:
     """Accumulate [original ce, base ce, base kl] sums for one batch."""
-    original_ce = torch.nn.functional.nll_loss(
-        teacher.log_probs, teacher.targets, ignore_index=-100, reduction="sum"
-    ).double()
-    totals[0] += original_ce
+    totals[0] += teacher.ce_sum
     if removed:
-        kl, ce = runner.compare_to_teacher(prefix.attn_in[-1], teacher.log_probs, teacher.targets)
+        kl, ce = runner.compare_to_teacher(prefix.attn_in[-1], teacher)
         totals[1] += ce
         totals[2] += kl
     else:
-        totals[1] += original_ce
+        totals[1] += teacher.ce_sum
 
 
 def finish_attention(

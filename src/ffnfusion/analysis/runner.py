@@ -124,19 +124,35 @@ class SubBlockRunner:
         self._count(lm_heads=1)
         flat = x.reshape(-1, x.shape[-1])
         rows = max(1, _LOGIT_ELEMENTS // self.model.config.vocab_size)
-        out = [self._chunk_log_probs(flat[r : r + rows]) for r in range(0, flat.shape[0], rows)]
-        return torch.cat(out)
+        return torch.cat([F.log_softmax(self._logits(flat[r : r + rows]), -1) for r in range(0, flat.shape[0], rows)])
 
-    def _chunk_log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.model.lm_head(self.model.model.norm(x)).float(), dim=-1)
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(x)).float()
 
-    def compare_to_teacher(
-        self, x: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher(self, x: torch.Tensor, targets: torch.Tensor) -> Teacher:
+        """The reference distribution of a final residual stream, kept in the form `compare_to_teacher` reads."""
+        self._count(lm_heads=1)
+        flat = x.reshape(-1, x.shape[-1])
+        rows = max(1, _LOGIT_ELEMENTS // self.model.config.vocab_size)
+        probs, neg_entropy = [], []
+        ce = torch.zeros((), dtype=torch.float64, device=x.device)
+        for r in range(0, flat.shape[0], rows):
+            z = self._logits(flat[r : r + rows])
+            lse = torch.logsumexp(z, -1)
+            p = torch.exp(z - lse[:, None])
+            # sum_v p log p = p.z - lse, written exactly as the student side computes p.z_q - lse_q, so that an
+            # unchanged student cancels to exactly 0.
+            neg_entropy.append(torch.linalg.vecdot(p, z) - lse)
+            probs.append(p)
+            ce += _cross_entropy_sum(z, lse, targets[r : r + rows])
+        return Teacher(torch.cat(probs), torch.cat(neg_entropy), targets, ce)
+
+    def compare_to_teacher(self, x: torch.Tensor, teacher: Teacher) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum over tokens of KL(teacher || model), sum of next-token cross-entropy), float64 0-d tensors.
 
-        x is the student's final residual stream; teacher its cached log-probs; targets the next token of each
-        position (-100 where there is none). Chunked so the student's logits never exist all at once.
+        KL = sum_v p (log p - log q) = [p.z_p - lse_p] - [p.z_q - lse_q], so each student chunk needs only its
+        logits, one logsumexp and one dot product with the cached teacher probabilities: two passes over the
+        vocabulary instead of a full log_softmax plus kl_div, which dominated the attention scores on CPU.
         """
         self._count(lm_heads=1)
         flat = x.reshape(-1, x.shape[-1])
@@ -144,10 +160,29 @@ class SubBlockRunner:
         kl = torch.zeros((), dtype=torch.float64, device=x.device)
         ce = torch.zeros((), dtype=torch.float64, device=x.device)
         for r in range(0, flat.shape[0], rows):
-            logq = self._chunk_log_probs(flat[r : r + rows])
-            kl += F.kl_div(logq, teacher[r : r + rows], log_target=True, reduction="sum").double()
-            ce += F.nll_loss(logq, targets[r : r + rows], ignore_index=-100, reduction="sum").double()
+            z = self._logits(flat[r : r + rows])
+            lse = torch.logsumexp(z, -1)
+            cross = torch.linalg.vecdot(teacher.probs[r : r + rows], z) - lse
+            kl += (teacher.neg_entropy[r : r + rows] - cross).double().sum()
+            ce += _cross_entropy_sum(z, lse, teacher.targets[r : r + rows])
         return kl, ce
+
+
+@dataclass
+class Teacher:
+    """The original model's next-token distribution for one batch: probabilities [tokens, vocab] (float32),
+    sum_v p log p per token, the targets (-100 where none) and the original's cross-entropy sum."""
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    targets: torch.Tensor
+    ce_sum: torch.Tensor
+
+
+def _cross_entropy_sum(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    valid = targets >= 0
+    picked = z.gather(1, targets.clamp_min(0)[:, None])[:, 0]
+    return torch.where(valid, lse - picked, torch.zeros_like(lse)).double().sum()
 
 
 def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
