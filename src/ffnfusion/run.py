@@ -1,0 +1,349 @@
+"""`ffnfusion run`: analyze -> plan -> fuse -> heal -> eval -> bench -> report, each stage's files in one folder.
+
+Layout of DIR:
+
+    analysis/            analysis.json, heatmap PNGs          (analyze)
+    plan.json                                                 (plan)
+    fused/               fused checkpoint                     (fuse)
+    healed/              healed checkpoint, training log      (heal)
+    data/                held-out self-generated text for eval, when --data is `self`
+    eval.json, eval.md                                        (eval)
+    bench.json                                                (bench; needs a GPU)
+    report.md, report.html, plan.png, tradeoff.png            (report)
+    run.json             the configuration and, per stage, the key of its inputs and when it finished
+
+A stage is skipped when its outputs exist and the key of its inputs (its own options and the keys of the stages it
+reads) equals the key recorded when it last finished, so an interrupted run resumes where it stopped and a changed
+option reruns that stage and everything downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+STAGES = ("analyze", "plan", "fuse", "heal", "eval", "bench", "report")
+UPSTREAM = {
+    "analyze": (),
+    "plan": ("analyze",),
+    "fuse": ("plan",),
+    "heal": ("fuse",),
+    "eval": ("fuse", "heal"),
+    "bench": ("fuse",),
+    "report": ("analyze", "plan", "fuse", "heal", "eval", "bench"),
+}
+OUTPUTS = {
+    "analyze": ("analysis/analysis.json",),
+    "plan": ("plan.json",),
+    "fuse": ("fused/config.json",),
+    "heal": ("healed/config.json",),
+    "eval": ("eval.json",),
+    "bench": ("bench.json",),
+    "report": ("report.md", "report.html"),
+}
+
+
+class RunConfigError(ValueError):
+    """A run configuration with unknown stages or options."""
+
+
+class RunConfig(BaseModel):
+    """Everything `ffnfusion run` does; each stage section takes that stage's options (`ffnfusion STAGE --help`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="original model: hub id, local folder or .gguf file")
+    data: str = Field(default="self", description="calibration and healing text (`self`: sampled from the model)")
+    eval_data: str | None = Field(default=None, description="perplexity/fidelity text; default: held-out text")
+    seed: int = 0
+    device: str | None = Field(default=None, description="cpu or cuda (default: cuda when available)")
+    analyze: dict[str, Any] = Field(default_factory=dict)
+    plan: dict[str, Any] = Field(default_factory=dict)
+    fuse: dict[str, Any] = Field(default_factory=dict)
+    heal: dict[str, Any] = Field(default_factory=dict)
+    eval: dict[str, Any] = Field(default_factory=dict)
+    bench: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides: Any) -> RunConfig:
+        raw: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise RunConfigError(f"Run configuration not found: {path}")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise RunConfigError(f"{path} is not valid YAML: {e}") from None
+            if not isinstance(raw, dict):
+                raise RunConfigError(f"{path} must hold a mapping of settings, not {type(raw).__name__}.")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            config = cls.model_validate(raw)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise RunConfigError(f"Invalid run configuration: {problems}") from None
+        if config.model is None:
+            raise RunConfigError("No model given: pass --model or set `model:` in the configuration file.")
+        config.check_stage_options()
+        return config
+
+    def check_stage_options(self) -> None:
+        problems = []
+        for stage, allowed in stage_options().items():
+            unknown = sorted(set(getattr(self, stage)) - allowed)
+            if unknown:
+                problems.append(f"{stage}: unknown options {unknown}; known: {sorted(allowed)}")
+        if problems:
+            raise RunConfigError("Invalid run configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _params(fn: Callable[..., Any], exclude: set[str]) -> set[str]:
+    return {p for p in inspect.signature(fn).parameters if p not in exclude}
+
+
+def stage_options() -> dict[str, set[str]]:
+    """Options each stage section accepts: the stage function's parameters, minus those `run` wires itself."""
+    from ffnfusion.analysis import analyze
+    from ffnfusion.bench.measure import bench
+    from ffnfusion.evaluate import evaluate
+    from ffnfusion.fuse import fuse
+    from ffnfusion.heal import HealSettings, heal
+    from ffnfusion.planning import search_plan
+
+    wired = {"model", "out", "overwrite", "log", "show_progress", "progress", "callbacks", "command"}
+    return {
+        "analyze": _params(analyze, wired),
+        "plan": _params(search_plan, {"analysis", "rescore", "costs"}) | {"iterative", "costs"},
+        "fuse": _params(fuse, wired | {"plan"}),
+        "heal": {f.name for f in fields(HealSettings)} | _params(heal, wired | {"student", "teacher", "settings"}),
+        "eval": _params(evaluate, wired | {"models", "reference", "labels"}),
+        "bench": _params(bench, wired | {"compare", "plan"}),
+    }
+
+
+def _key(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Run:
+    """One run folder: its configuration, its state file, and the stages' calls."""
+
+    def __init__(self, config: RunConfig, out: str | Path, log: Callable[[str], None] = print):
+        self.config = config
+        self.dir = Path(out).resolve()
+        self.log = log
+        self.state_file = self.dir / "run.json"
+        self.state: dict[str, Any] = {"stages": {}}
+        if self.state_file.is_file():
+            self.state = json.loads(self.state_file.read_text())
+        self.keys: dict[str, str] = {}
+
+    def path(self, relative: str) -> Path:
+        return self.dir / relative
+
+    def _save_state(self) -> None:
+        self.state["config"] = self.config.model_dump()
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, default=str) + "\n")
+        tmp.replace(self.state_file)
+
+    def stage_key(self, stage: str) -> str:
+        cfg = self.config
+        own = {"options": getattr(cfg, stage, {}), "model": cfg.model, "seed": cfg.seed, "device": cfg.device}
+        if stage in ("analyze", "heal"):
+            own["data"] = cfg.data
+        if stage == "eval":
+            own["eval_data"] = cfg.eval_data or (None if cfg.data == "self" else cfg.data)
+        return _key({"own": own, "upstream": [self.keys.get(s) for s in UPSTREAM[stage]]})
+
+    def is_current(self, stage: str) -> bool:
+        record = self.state["stages"].get(stage, {})
+        outputs_exist = all(self.path(p).exists() for p in OUTPUTS[stage])
+        return outputs_exist and record.get("key") == self.keys[stage]
+
+    def execute(self, stop_after: str | None = None, skip: set[str] | None = None) -> dict[str, str]:
+        """Run every stage in order; returns stage -> 'ran' | 'up to date' | 'skipped: reason'."""
+        skip = skip or set()
+        if unknown := skip - set(STAGES):
+            raise RunConfigError(f"--skip names unknown stages {sorted(unknown)}; stages: {', '.join(STAGES)}")
+        if stop_after is not None and stop_after not in STAGES:
+            raise RunConfigError(f"--stop-after {stop_after!r} is not a stage; stages: {', '.join(STAGES)}")
+        for needed, by in (
+            ("fuse", "heal"),
+            ("fuse", "eval"),
+            ("fuse", "bench"),
+            ("plan", "fuse"),
+            ("analyze", "plan"),
+        ):
+            if needed in skip and by not in skip and not self.path(OUTPUTS[needed][0]).exists():
+                raise RunConfigError(f"--skip {needed} leaves nothing for {by}: skip {by} too, or run {needed}.")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        status: dict[str, str] = {}
+        for stage in STAGES:
+            self.keys[stage] = self.stage_key(stage)
+            reason = self._skip_reason(stage, skip)
+            if reason:
+                status[stage] = f"skipped: {reason}"
+                self.state["stages"].pop(stage, None)
+                self.keys[stage] = "skipped"
+                self.log(f"[{stage}] skipped: {reason}")
+            elif self.is_current(stage):
+                status[stage] = "up to date"
+                self.log(f"[{stage}] up to date")
+            else:
+                self.log(f"[{stage}] running")
+                started = time.perf_counter()
+                getattr(self, f"_{stage}")()
+                seconds = round(time.perf_counter() - started, 1)
+                self.state["stages"][stage] = {"key": self.keys[stage], "seconds": seconds, "finished": time.time()}
+                status[stage] = "ran"
+                self.log(f"[{stage}] done in {seconds} s")
+            self._save_state()
+            if stage == stop_after:
+                break
+        return status
+
+    def _skip_reason(self, stage: str, skip: set[str]) -> str | None:
+        if stage in skip:
+            return "--skip"
+        if stage == "bench":
+            import torch
+
+            if not torch.cuda.is_available() or self.config.device == "cpu":
+                return "needs a CUDA GPU (latency on CPU says nothing about serving speed)"
+        return None
+
+    # ---- the stages: thin calls of each stage's own function --------------------------------------------------
+
+    def _analyze(self) -> None:
+        from ffnfusion.analysis import analyze
+
+        cfg = self.config
+        options = {"data": cfg.data, "seed": cfg.seed, "device": cfg.device, **cfg.analyze}
+        analyze(cfg.model, self.path("analysis"), overwrite=True, show_progress=True, log=self.log, **options)
+
+    def _plan(self) -> None:
+        from ffnfusion.analysis import load_analysis
+        from ffnfusion.planning import CostModel, iterative_rescorer, search_plan, write_plan
+
+        analysis = load_analysis(self.path("analysis"))
+        options = dict(self.config.plan)
+        rescore = (
+            iterative_rescorer(analysis, model=self.config.model, log=self.log)
+            if options.pop("iterative", False)
+            else None
+        )
+        costs = options.pop("costs", None)
+        if not {"remove_attention", "max_kl", "target_depth"} & options.keys():
+            # A first run's budget: a quarter of the attention sub-blocks, as a starting point to look at.
+            options["remove_attention"] = max(1, analysis.num_layers // 4)
+        result = search_plan(
+            analysis, costs=CostModel.load(costs, analysis) if costs else None, rescore=rescore, **options
+        )
+        write_plan(result.plan, self.path("plan.json"), overwrite=True)
+        self.log(f"plan: remove attention {result.plan.remove_attention}, fuse {result.plan.fuse_ffn}")
+
+    def _fuse(self) -> None:
+        from ffnfusion.fuse import fuse
+
+        summary = fuse(
+            self.config.model, self.path("plan.json"), self.path("fused"), overwrite=True, **self.config.fuse
+        )
+        self.log(f"fused: sequential sub-blocks {summary.sub_blocks_before} -> {summary.sub_blocks_after}")
+
+    def _heal(self) -> None:
+        from ffnfusion.heal import HealSettings, heal
+
+        cfg = self.config
+        setting_names = {f.name for f in fields(HealSettings)}
+        options = {"data": [cfg.data], "seed": cfg.seed, **cfg.heal}
+        if isinstance(options["data"], str):
+            options["data"] = [options["data"]]
+        settings = HealSettings(**{k: v for k, v in options.items() if k in setting_names})
+        extra = {k: v for k, v in options.items() if k not in setting_names}
+        checkpoints = self.path("healed.checkpoints")
+        summary = heal(
+            self.path("fused"),
+            cfg.model,
+            self.path("healed"),
+            settings,
+            overwrite=True,
+            resume=checkpoints.is_dir() and any(checkpoints.iterdir()),
+            checkpoint_dir=checkpoints,
+            **extra,
+        )
+        self.log(f"healed: {summary.steps} steps, loss {summary.first_loss} -> {summary.last_loss}")
+
+    def _eval_text(self) -> str:
+        """Perplexity text: the user's, or held-out text sampled from the model with a seed healing never uses."""
+        cfg = self.config
+        if cfg.eval_data:
+            return cfg.eval_data
+        if cfg.data != "self":
+            self.log("eval: no eval_data given; scoring perplexity on --data (the text healing trained on)")
+            return cfg.data
+        from ffnfusion.data import self_generated_texts
+        from ffnfusion.source import load_model, resolve_model
+
+        target = self.path("data/eval_self.txt")
+        if not target.is_file():
+            source = resolve_model(cfg.model)
+            model = load_model(source, "float32", cfg.device or ("cuda" if _cuda() else "cpu"))
+            texts = self_generated_texts(model, source.tokenizer(), 32, 512, cfg.seed + 104729, key=f"eval|{cfg.model}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("\n\n".join(texts))
+        return str(target)
+
+    def _eval(self) -> None:
+        from ffnfusion.evaluate import evaluate
+
+        cfg = self.config
+        models, labels = [cfg.model, str(self.path("fused"))], ["original", "fused"]
+        if self.keys.get("heal") != "skipped":
+            models.append(str(self.path("healed")))
+            labels.append("healed")
+        options = {"data": self._eval_text(), "seed": cfg.seed, **cfg.eval}
+        if cfg.device:
+            options.setdefault("device", cfg.device)
+        evaluate(models, reference=cfg.model, labels=labels, out=self.path("eval.json"), **options)
+
+    def _bench(self) -> None:
+        from ffnfusion.bench.measure import bench
+
+        cfg = self.config
+        bench(cfg.model, compare=[str(self.path("fused"))], out=self.path("bench.json"), log=self.log, **cfg.bench)
+
+    def _report(self) -> None:
+        from ffnfusion.report import write_report
+
+        write_report(self.dir)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(
+    model: str | None,
+    out: str | Path,
+    config: str | Path | None = None,
+    stop_after: str | None = None,
+    skip: set[str] | None = None,
+    log: Callable[[str], None] = print,
+    **overrides: Any,
+) -> dict[str, str]:
+    """Load the configuration (YAML file plus command-line overrides) and execute the pipeline in `out`."""
+    cfg = RunConfig.load(config, model=model, **overrides)
+    return Run(cfg, out, log).execute(stop_after=stop_after, skip=skip)
