@@ -52,6 +52,7 @@ class HealSettings:
     seq_len: int = 512
     max_sequences: int | None = None
     self_samples: int = 256
+    self_batch_size: int = 64
     text_field: str = "text"
     batch_size: int = 8
     grad_accum: int = 1
@@ -94,7 +95,7 @@ class HealSettings:
 
     def training_key(self) -> dict[str, Any]:
         """The settings a resumed run must share with the interrupted one (bf16 None means 'auto', resolved)."""
-        return {k: v for k, v in asdict(self).items() if k != "fsdp"}
+        return {k: v for k, v in asdict(self).items() if k not in ("fsdp", "self_batch_size")}
 
 
 @dataclass
@@ -324,7 +325,7 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str = "") 
 
     rows = [r for r in history if "loss" in r and "step" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for key, label in (("loss", "total"), ("loss_kl", "KL"), ("loss_cos", "cosine"), ("loss_lm", "LM (CE)")):
+    for key, label in (("loss", "total"), ("loss_kl", "KL"), ("loss_cos", "cosine"), ("loss_lm", "LM cross-entropy")):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             xs, ys = zip(*points)
@@ -449,7 +450,7 @@ def heal(
                     model_key=str(t_source.folder / (t_source.gguf_file or "")),
                     self_samples=settings.self_samples,
                     text_field=settings.text_field,
-                    generate_batch_size=64,
+                    generate_batch_size=settings.self_batch_size,
                 )
                 for spec in settings.data
             ]
