@@ -134,3 +134,19 @@ def test_bad_settings_are_named():
         perplexity(model, torch.tensor([1, 7, 2]), 4, progress=False)
     with pytest.raises(EvalError, match="LongTensor"):
         perplexity(model, torch.ones(4), 4, progress=False)
+
+
+def test_decilm_models_are_scored_like_their_original():
+    from ffnfusion.fuse import fuse_model
+    from ffnfusion.plan import Plan
+
+    original = tiny_model("llama", seed=4)
+    stream = torch.randint(0, 97, (80,), generator=torch.Generator().manual_seed(5))
+    same = fuse_model(original, Plan())  # a DeciLMForCausalLM with every block kept
+    fused = fuse_model(original, Plan(remove_attention=[2, 3], fuse_ffn=[[1, 2, 3]]))
+    assert type(same).__name__ == type(fused).__name__ == "DeciLMForCausalLM"
+    base = perplexity(original, stream, 32, 16, progress=False)
+    assert perplexity(same, stream, 32, 16, progress=False)["nll"] == pytest.approx(base["nll"], rel=1e-5)
+    assert fidelity(same, original, stream, 32, 16, progress=False)["kl"] == pytest.approx(0, abs=1e-6)
+    out = fidelity(fused, original, stream, 32, 16, progress=False)
+    assert out["kl"] > 1e-4 and out["tokens"] == 79
