@@ -454,9 +454,47 @@ def bench(
         Path | None, typer.Option(help="text to cut prompts from (default: random token ids)")
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    tp: Annotated[
+        int,
+        typer.Option(
+            help="tensor-parallel ranks (random weights only): launch as `torchrun --nproc-per-node N -m "
+            "ffnfusion.cli bench --tp N ...`; shards with torch.distributed.tensor.parallel"
+        ),
+    ] = 1,
 ) -> None:
     """Latency and throughput of the original and fused models in one graph-captured static-cache engine."""
     import sys
+
+    if tp != 1:
+        from ffnfusion.bench.tensor_parallel import bench_tp_stage
+        from ffnfusion.bench.tensor_parallel import markdown_table as tp_table
+
+        try:
+            report = bench_tp_stage(
+                tp=tp,
+                model=model,
+                compare=compare or [],
+                plan=plan,
+                random_weights=random_weights,
+                shape=shape,
+                layers=layers,
+                batch_sizes=[int(b) for b in batch_sizes.split(",") if b.strip()],
+                prompt_len=prompt_len,
+                new_tokens=new_tokens,
+                repeats=repeats,
+                dtype=dtype,
+                device=None if device == "auto" else device,
+                graphs=None if graphs else False,
+                out=out,
+                command="ffnfusion " + " ".join(sys.argv[1:]),
+                seed=seed,
+            )
+        except USER_ERRORS as e:
+            fail(e)
+        if report is not None:
+            console.print(tp_table(report), markup=False, highlight=False, soft_wrap=True)
+            console.print(f"wrote {out}")
+        return
 
     from ffnfusion.bench.measure import bench as run_bench
     from ffnfusion.bench.measure import markdown_table
