@@ -2,7 +2,8 @@
 
     python benchmarks/analyze_timing.py MODEL --data TEXT --samples 64 --seq-len 512 --device cpu --out runs/x
 
-Prints one line of JSON: wall seconds (all of analyze, and the measurements alone), the device, and the cost in
+Prints one line of JSON: wall seconds (all of analyze, and the measurements alone), the process's CPU seconds and
+the load average (wall time on a shared machine depends on the other work), the device, and the cost in
 full-forward equivalents that analysis.json records.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import time
 
@@ -33,6 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     result = analyze(
         args.model,
@@ -48,6 +52,7 @@ def main() -> None:
         show_progress=sys.stderr.isatty(),
     )
     wall = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     a = result.analysis
     print(
         json.dumps(
@@ -62,6 +67,10 @@ def main() -> None:
                 "wall_seconds": round(wall, 1),
                 "analyze_seconds": round(result.seconds, 1),
                 "measure_seconds": round(result.measure_seconds, 1),
+                # On a shared machine wall time depends on the other work; CPU time of this process does not.
+                "process_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+                "torch_threads": torch.get_num_threads(),
+                "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "forward_equivalents": {k: v.forward_equivalents for k, v in a.cost.parts.items()},
                 "total_forward_equivalents": a.cost.total_forward_equivalents,
                 "original_lm_loss": round(a.original_lm_loss, 4),
