@@ -157,6 +157,8 @@ def test_task_names_are_checked(tmp_path):
     assert resolve_tasks(["hellaswag"], None) == [("hellaswag", "hellaswag")]  # lm-eval's hub task
     with pytest.raises(EvalError, match="--task-data-dir"):
         resolve_tasks(["local_piqa"], None)
+    with pytest.raises(DataError, match="no piqa.jsonl under"):  # files are checked whatever the name used
+        task_manager(resolve_tasks(["local_piqa"], tmp_path), tmp_path)
     with pytest.raises(EvalError, match="unknown task.*hellaswagg"):
         task_manager(resolve_tasks(["piqa", "hellaswagg"], tmp_path), tmp_path)
 

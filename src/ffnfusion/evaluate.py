@@ -241,7 +241,8 @@ def task_manager(tasks: list[tuple[str, str]], task_data_dir: str | Path | None)
             "other names must be lm-eval tasks (`lm_eval ls tasks` lists them)."
         )
     if task_data_dir is not None:
-        check_task_files([shown for shown, lm in tasks if lm in local], Path(task_data_dir).expanduser())
+        standard = {v: k for k, v in LOCAL_TASKS.items()}
+        check_task_files([standard[lm] for _, lm in tasks if lm in local], Path(task_data_dir).expanduser())
     return manager
 
 
