@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from analysis_fakes import save_with_tokenizer, text_file
-from conftest import tiny_model
 from typer.testing import CliRunner
 
+from analysis_fakes import save_with_tokenizer, text_file
+from conftest import tiny_model
 from ffnfusion.cli import app
 from ffnfusion.report import ReportError, write_report
 from ffnfusion.run import RunConfig, RunConfigError, run
@@ -58,7 +58,7 @@ def test_run_end_to_end_then_resume(setup) -> None:
     for heading in ("## Model and plan", "## Dependency analysis", "## Quality", "## Speed", "## Accuracy vs latency"):
         assert heading in report
     assert "data:image/png;base64," in (out / "report.html").read_text()
-    assert "src=\"plan.png\"" not in (out / "report.html").read_text()
+    assert 'src="plan.png"' not in (out / "report.html").read_text()
 
     # Nothing changed: every stage that ran is up to date.
     again = run(str(model), out, config=config, log=messages.append)
@@ -77,8 +77,9 @@ def test_run_end_to_end_then_resume(setup) -> None:
 def test_skip_heal_and_cli(setup) -> None:
     model, config, root = setup
     out = root / "cli-out"
-    result = runner.invoke(app, ["run", "--model", str(model), "--config", str(config), "--out", str(out),
-                                 "--skip", "heal"])
+    result = runner.invoke(
+        app, ["run", "--model", str(model), "--config", str(config), "--out", str(out), "--skip", "heal"]
+    )
     assert result.exit_code == 0, result.output
     assert "skipped: --skip" in result.output
     labels = [m["label"] for m in json.loads((out / "eval.json").read_text())["models"]]

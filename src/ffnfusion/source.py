@@ -131,12 +131,12 @@ def resolve_model(spec: str | Path) -> ModelSource:
 
 
 def load_model(
-    source: ModelSource | str, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+    source: ModelSource | str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """An eval-mode causal LM: the original family's transformers class, or DeciLM for fused checkpoints."""
     import ffnfusion.modeling  # noqa: F401  (registers DeciLM with the Auto classes)
 
-    source = resolve_model(source) if isinstance(source, str) else source
+    source = source if isinstance(source, ModelSource) else resolve_model(source)
     if source.is_fused_checkpoint:
         from ffnfusion.checkpoint import verify_fused_checkpoint
 
