@@ -28,7 +28,7 @@ from ffnfusion.data import load_texts, tokenize_stream
 from ffnfusion.evaluate import fidelity, perplexity
 from ffnfusion.fuse import fuse
 from ffnfusion.plan import Plan
-from ffnfusion.source import load_model, resolve_model
+from ffnfusion.source import export_transformers_folder, load_model, resolve_model
 
 # Attention removed in 8 late-middle layers (16-23 of 30). Their FFNs then run back to back from layer 15 to 23;
 # they are fused in two groups of four, leaving the run's last FFN (23) alone as the paper advises. On
@@ -39,19 +39,6 @@ PLAN = Plan(
     fuse_ffn=[list(range(15, 19)), list(range(19, 23))],
     info={"made_by": "hand: late-middle attention removal, two groups of four FFNs"},
 )
-
-
-def teacher_folder(gguf: Path, folder: Path) -> Path:
-    """A plain transformers folder of the dequantised GGUF, so every later load is a fast safetensors read."""
-    from transformers import LlamaForCausalLM
-
-    source = resolve_model(gguf)
-    model = load_model(source, torch.float32)
-    fresh = LlamaForCausalLM(model.config)
-    fresh.load_state_dict(model.state_dict())
-    fresh.save_pretrained(folder)
-    source.tokenizer().save_pretrained(folder)
-    return folder
 
 
 def scores(model: torch.nn.Module, teacher: torch.nn.Module | None, stream: torch.Tensor) -> dict[str, Any]:
@@ -88,8 +75,7 @@ def main() -> None:
 
     t0 = time.time()
     teacher_dir = args.work / "teacher"
-    if not (teacher_dir / "config.json").is_file():
-        teacher_folder(args.gguf, teacher_dir)
+    export_transformers_folder(args.gguf, teacher_dir)
     student_dir = args.work / "fused"
     fuse(teacher_dir, PLAN, student_dir, overwrite=True)
     results["prepare_seconds"] = time.time() - t0

@@ -32,22 +32,7 @@ from ffnfusion.fuse import fuse, fuse_model
 from ffnfusion.heal import HealSettings, heal
 from ffnfusion.plan import Plan, plan_blocks, sequential_sub_blocks
 from ffnfusion.planning import attention_free_runs, build_plan, search_plan
-from ffnfusion.source import load_model, resolve_model
-
-
-def teacher_folder(gguf: Path, folder: Path) -> Path:
-    """A plain transformers folder of the dequantised GGUF: later loads are fast safetensors reads."""
-    from transformers import LlamaForCausalLM
-
-    if (folder / "config.json").is_file():
-        return folder
-    source = resolve_model(gguf)
-    model = load_model(source, torch.float32)
-    fresh = LlamaForCausalLM(model.config)
-    fresh.load_state_dict(model.state_dict())
-    fresh.save_pretrained(folder)
-    source.tokenizer().save_pretrained(folder)
-    return folder
+from ffnfusion.source import export_transformers_folder, load_model, resolve_model
 
 
 class Study:
@@ -55,7 +40,7 @@ class Study:
         self.args = args
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.work: Path = args.work
-        self.teacher_dir = teacher_folder(args.gguf, self.work / "teacher")
+        self.teacher_dir = export_transformers_folder(args.gguf, self.work / "teacher")
         self.teacher = load_model(str(self.teacher_dir), torch.float32, self.device)
         self.num_layers = self.teacher.config.num_hidden_layers
         tokenizer = resolve_model(self.teacher_dir).tokenizer()

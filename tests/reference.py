@@ -57,3 +57,31 @@ def reference_logits(model: torch.nn.Module, plan: Plan, input_ids: torch.Tensor
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def logits_without_ffnfusion(folder, ids: torch.Tensor, tmp_path) -> torch.Tensor:
+    """Logits of the checkpoint in `folder`, computed by a fresh Python that loads it with trust_remote_code only.
+
+    The child asserts that ffnfusion never got imported, so the checkpoint's own modeling file did the work.
+    """
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert not any(k.startswith("ffnfusion") for k in sys.modules), "ffnfusion was imported"
+        with torch.no_grad():
+            torch.save(m(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "logits.pt")

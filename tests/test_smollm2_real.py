@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+import json
 
 import pytest
 import torch
@@ -15,8 +12,8 @@ from conftest import SMOLLM2_GGUF
 from ffnfusion.cli import app
 from ffnfusion.fuse import fuse_model
 from ffnfusion.plan import Plan
-from ffnfusion.source import load_model, resolve_model
-from reference import reference_logits, rel_err
+from ffnfusion.source import export_transformers_folder, load_model, resolve_model
+from reference import logits_without_ffnfusion, reference_logits, rel_err
 
 PLAN = Plan(remove_attention=[14, 15, 16, 17], fuse_ffn=[[13, 14, 15, 16]])
 
@@ -55,20 +52,17 @@ def test_cli_fuse_then_trust_remote_code_gives_reference_logits(smollm2, tmp_pat
     assert result.exit_code == 0, result.output
     assert "vLLM" in result.output and "yes" in result.output
     ids = tok("Model surgery is exact when the weights are concatenated.", return_tensors="pt")["input_ids"]
-    torch.save(ids, tmp_path / "ids.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
-        assert not any(k.startswith("ffnfusion") for k in sys.modules)
-        with torch.no_grad():
-            torch.save(m(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = logits_without_ffnfusion(out, ids, tmp_path)
     want = reference_logits(model, PLAN, ids)
-    assert rel_err(torch.load(tmp_path / "logits.pt"), want) <= 1e-5
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_export_transformers_folder_keeps_logits(smollm2, tmp_path) -> None:
+    model, tok = smollm2
+    folder = export_transformers_folder(str(SMOLLM2_GGUF), tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    exported = load_model(str(folder))
+    ids = tok("A plain transformers folder loads fast.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert rel_err(exported(ids).logits, model(ids).logits) <= 1e-6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,3 +146,27 @@ def load_model(
         adapter_for(source.config())
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=parse_dtype(dtype), **source.load_kwargs)
     return model.to(device).eval()
+
+
+def export_transformers_folder(model: str | Path, folder: str | Path) -> Path:
+    """Write MODEL (e.g. a .gguf, dequantised to fp32) as a plain transformers folder; reused when it exists.
+
+    Later loads are then fast safetensors reads. GGUF-loaded models carry a quantizer and cannot save themselves,
+    so the weights are copied into a fresh model of the same class first.
+    """
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    source = resolve_model(model)
+    loaded = load_model(source, torch.float32)
+    config = copy.deepcopy(loaded.config)
+    # The GGUF quantizer's settings would make transformers treat the saved fp32 weights as GGUF again.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(loaded)(config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.save_pretrained(folder)
+    tokenizer = source.tokenizer()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
