@@ -21,7 +21,7 @@ def plot_plan(plan: Plan, num_layers: int, path: str | Path, title: str | None =
     removed_attn, removed_ffn = set(plan.remove_attention), set(plan.remove_ffn)
     fused = {i for g in plan.fuse_ffn for i in g}
     parallel = {i for g in plan.parallel_blocks for i in g}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * num_layers + 1.5), 2.1))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * num_layers + 1.5), 2.5))
     for i in range(num_layers):
         attn_color = REMOVED if i in removed_attn else (PARALLEL if i in parallel else KEPT_ATTN)
         ffn_color = REMOVED if i in removed_ffn else FUSED if i in fused else PARALLEL if i in parallel else KEPT_FFN
@@ -55,7 +55,7 @@ def plot_plan(plan: Plan, num_layers: int, path: str | Path, title: str | None =
         handles,
         ["attention", "FFN", "fused FFN", "parallel block", "removed"],
         loc="upper center",
-        bbox_to_anchor=(0.5, -0.35),
+        bbox_to_anchor=(0.5, -0.5),
         ncol=5,
         frameon=False,
         fontsize=8,

@@ -115,7 +115,8 @@ def build_report(folder: str | Path) -> str:
             f"{folder} holds none of analysis/analysis.json, plan.json, eval.json, bench.json: nothing to report."
         )
     model_name = (analysis or {}).get("model", {}).get("name") or (run_json or {}).get("config", {}).get("model")
-    lines = [f"# FFN Fusion report: {model_name or folder.name}", ""]
+    title = Path(model_name).name if model_name else folder.name
+    lines = [f"# FFN Fusion report: {title}", ""]
     lines.append(f"Built {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from the stage files in `{folder.name}/`.")
     missing = [
         name
