@@ -110,3 +110,17 @@ def test_config_errors(setup, tmp_path) -> None:
 def test_report_of_empty_folder_is_refused(tmp_path) -> None:
     with pytest.raises(ReportError, match="nothing to report"):
         write_report(tmp_path)
+
+
+def test_report_without_analysis_reads_layers_from_the_checkpoint(setup, tmp_path) -> None:
+    import shutil
+
+    _, _, root = setup
+    source = root / "out"  # written by test_run_end_to_end_then_resume
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    shutil.copy(source / "plan.json", folder / "plan.json")
+    shutil.copytree(source / "fused", folder / "fused")
+    md, _ = write_report(folder)
+    text = md.read_text()
+    assert "layers: 8 -> " in text and "Not available: analysis" in text

@@ -42,11 +42,17 @@ def _load_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _num_layers(folder: Path, analysis: dict[str, Any] | None, plan: Plan) -> int:
+def _num_layers(folder: Path, analysis: dict[str, Any] | None, plan: Plan) -> int | None:
+    """Layers of the original model: from the analysis, else from the fused checkpoint's block count."""
     if analysis:
         return int(analysis["model"]["num_layers"])
-    indices = plan.remove_attention + plan.remove_ffn + [i for g in plan.fuse_ffn + plan.parallel_blocks for i in g]
-    return max(indices, default=0) + 1
+    fused = _load_json(folder / "fused" / "config.json")
+    if not fused:
+        return None
+    # Layers past the plan's last index map one-to-one onto blocks, so the fused block count pins the total.
+    touched = plan.remove_attention + plan.remove_ffn + [i for g in plan.fuse_ffn + plan.parallel_blocks for i in g]
+    known = max(touched, default=-1) + 1
+    return known + len(fused["block_configs"]) - len(plan_blocks(plan, known))
 
 
 def _perplexities(eval_json: dict[str, Any] | None) -> dict[str, float]:
@@ -135,8 +141,8 @@ def build_report(folder: str | Path) -> str:
     lines.append("")
 
     depth: dict[str, int] = {}
-    if plan is not None:
-        n = _num_layers(folder, analysis, plan)
+    n = _num_layers(folder, analysis, plan) if plan is not None else None
+    if plan is not None and n is not None:
         blocks = plan_blocks(plan, n)
         depth = {"original": 2 * n, "fused": sequential_sub_blocks(blocks)}
         from ffnfusion.diagram import plot_plan
