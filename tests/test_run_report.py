@@ -115,8 +115,9 @@ def test_report_of_empty_folder_is_refused(tmp_path) -> None:
 def test_report_without_analysis_reads_layers_from_the_checkpoint(setup, tmp_path) -> None:
     import shutil
 
-    _, _, root = setup
-    source = root / "out"  # written by test_run_end_to_end_then_resume
+    model, config, _ = setup
+    source = tmp_path / "run"
+    run(str(model), source, config=config, stop_after="fuse", log=lambda _msg: None)
     folder = tmp_path / "partial"
     folder.mkdir()
     shutil.copy(source / "plan.json", folder / "plan.json")
