@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import FAMILIES, tiny_model
 from ffnfusion.adapters import adapter_for
 from ffnfusion.fuse import fuse_model
 from ffnfusion.modeling.modeling_decilm import DeciLMConfig, DeciLMDecoderLayer, rms_normalize
@@ -24,17 +24,20 @@ PLANS = {
 SHAPES = [(1, 1), (2, 7), (3, 16)]
 
 
-def _plan_ok(family: str, plan: Plan) -> bool:
-    # Parallel groups are refused for models with an o_proj bias (checked separately below).
-    return not (plan.parallel_blocks and family == "llama-bias-tied-rope3")
+def _valid_cases() -> list[tuple[str, str]]:
+    # Parallel groups are refused for models with an o_proj bias (tested in test_plan_validation).
+    return [
+        (family, name)
+        for family in sorted(FAMILIES)
+        for name in sorted(PLANS)
+        if not (PLANS[name].parallel_blocks and family == "llama-bias-tied-rope3")
+    ]
 
 
-@pytest.mark.parametrize("plan_name", sorted(PLANS))
+@pytest.mark.parametrize("family,plan_name", _valid_cases())
 def test_fused_model_matches_reference(family: str, plan_name: str) -> None:
     plan = PLANS[plan_name]
-    if not _plan_ok(family, plan):
-        pytest.skip("parallel blocks are refused with an o_proj bias (tested in test_plan_validation)")
-    model = tiny_model(family, seed=hash(plan_name) % 1000)
+    model = tiny_model(family, seed=sorted(PLANS).index(plan_name))
     fused = fuse_model(model, plan)
     gen = torch.Generator().manual_seed(1)
     for batch, seq in SHAPES:
