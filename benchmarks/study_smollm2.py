@@ -19,6 +19,7 @@ import json
 import shutil
 import time
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,16 +115,12 @@ class Study:
         name = "study-region.json" if self.args.region else "study.json"
         (self.args.out / name).write_text(json.dumps(self.results, indent=1) + "\n")
 
-    # ---- the findings -------------------------------------------------------------------------------------------
-
-    def run_region(self) -> None:
-        """Findings 2, 3 and 5 again on one contiguous attention-free region, where runs are long enough."""
+    def analyze(self, name: str, removed: Iterable[int]) -> Analysis:
+        """The calibration analysis of the teacher, with `removed` attentions already gone."""
         a = self.args
-        first, last = (int(x) for x in a.region.split("-"))
-        removed = set(range(first, last + 1))
-        after = analyze(
+        return analyze(
             str(self.teacher_dir),
-            self.work / "analysis-region",
+            self.work / name,
             data=str(a.train_text),
             samples=a.samples,
             seq_len=a.seq_len,
@@ -131,6 +128,15 @@ class Study:
             remove_attention=sorted(removed),
             overwrite=True,
         ).analysis
+
+    # ---- the findings -------------------------------------------------------------------------------------------
+
+    def run_region(self) -> None:
+        """Findings 2, 3 and 5 again on one contiguous attention-free region, where runs are long enough."""
+        a = self.args
+        first, last = (int(x) for x in a.region.split("-"))
+        removed = set(range(first, last + 1))
+        after = self.analyze("analysis-region", sorted(removed))
         main = build_plan(after, removed, max_group=a.max_group)
         self.results["region"] = sorted(removed)
         self.results["main_plan"] = main.model_dump(exclude={"info"})
@@ -155,15 +161,7 @@ class Study:
             self.run_region()
             return
         t0 = time.time()
-        plain = analyze(
-            str(self.teacher_dir),
-            self.work / "analysis",
-            data=str(a.train_text),
-            samples=a.samples,
-            seq_len=a.seq_len,
-            device=self.device,
-            overwrite=True,
-        ).analysis
+        plain = self.analyze("analysis", ())
         self.results["analysis_seconds"] = round(time.time() - t0, 1)
         for png in (self.work / "analysis").glob("*.png"):
             shutil.copy(png, a.out / f"analysis_{png.name}")
@@ -171,16 +169,7 @@ class Study:
         removed = set(main.remove_attention)
         # Dependencies as fusion sees them: measured with the chosen attentions already removed.
         t0 = time.time()
-        after = analyze(
-            str(self.teacher_dir),
-            self.work / "analysis-removed",
-            data=str(a.train_text),
-            samples=a.samples,
-            seq_len=a.seq_len,
-            device=self.device,
-            remove_attention=sorted(removed),
-            overwrite=True,
-        ).analysis
+        after = self.analyze("analysis-removed", sorted(removed))
         self.results["analysis_removed_seconds"] = round(time.time() - t0, 1)
         self.results["main_plan"] = main.model_dump(exclude={"info"})
         steps = [
