@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FFNFUSION_CACHE", Path.home() / ".cache" / "ffnfusion"))
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSON-lines file; a clear error for anything else."""
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n} is not valid JSON ({e}).") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n} is not a JSON object.")
+            yield n, row
+
+
 def _read_table(path: Path, text_field: str) -> list[str]:
     if path.suffix == ".parquet":
         try:
@@ -36,17 +52,10 @@ def _read_table(path: Path, text_field: str) -> list[str]:
             raise DataError(f"{path} has no column {text_field!r} (columns: {table.column_names}); use --text-field.")
         return [t for t in table.column(text_field).to_pylist() if t]
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n} is not valid JSON ({e}).") from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise DataError(f"{path}:{n} has no field {text_field!r}; use --text-field to name the text field.")
-            rows.append(str(row[text_field]))
+    for n, row in read_jsonl(path):
+        if text_field not in row:
+            raise DataError(f"{path}:{n} has no field {text_field!r}; use --text-field to name the text field.")
+        rows.append(str(row[text_field]))
     return rows
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import bz2
 import csv
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ffnfusion.data import DataError
+from ffnfusion.data import DataError, read_jsonl
 
 TASKS_DIR = Path(__file__).resolve().parent
 
@@ -140,20 +139,11 @@ def find_file(data_dir: Path, names: tuple[str, ...], task: str) -> Path:
 
 def _jsonl(path: Path, fields: dict[str, type]) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n} is not valid JSON ({e}).") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n} is not a JSON object.")
-            for key, kind in fields.items():
-                if not isinstance(row.get(key), kind):
-                    raise DataError(f"{path}:{n} needs a field {key!r} of type {kind.__name__}.")
-            rows.append(row)
+    for n, row in read_jsonl(path):
+        for key, kind in fields.items():
+            if not isinstance(row.get(key), kind):
+                raise DataError(f"{path}:{n} needs a field {key!r} of type {kind.__name__}.")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no items.")
     return rows
