@@ -51,6 +51,16 @@ def analyze(
     dtype: Annotated[str, typer.Option(help="auto (bf16 where native), float32, bfloat16, float16")] = "auto",
     batch_size: Annotated[int | None, typer.Option(help="sequences per batch (default: 16 on GPU, 8 on CPU)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    stream: Annotated[
+        bool, typer.Option(help="load one layer at a time onto the device: for models larger than GPU or RAM")
+    ] = False,
+    activations: Annotated[
+        str, typer.Option(help="with --stream: where the activations between layers live (auto, device, cpu)")
+    ] = "auto",
+    stream_samples: Annotated[
+        int | None,
+        typer.Option(help="with --stream: sequences per pass over the weights (default: as many as memory holds)"),
+    ] = None,
 ) -> None:
     """Measure sub-block statistics, attention importance (KL) and FFN/block dependency matrices; draw heatmaps."""
     from ffnfusion.analysis import analyze as run_analyze
@@ -71,6 +81,9 @@ def analyze(
             dtype=dtype,
             batch_size=batch_size,
             overwrite=overwrite,
+            stream=stream,
+            activations=activations,
+            stream_samples=stream_samples,
             show_progress=True,
             log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
         )

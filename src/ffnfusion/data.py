@@ -153,6 +153,8 @@ def self_generated_texts(
     cache = cache_dir / f"{digest}.jsonl"
     if cache.is_file():
         return [json.loads(line)["text"] for line in cache.read_text().splitlines()]
+    if not isinstance(model, torch.nn.Module):
+        model = model()  # a loader: the model is only loaded when the text is not cached
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -185,7 +187,10 @@ def calibration_tokens(
     cache_dir: Path | None = None,
     generate_batch_size: int = 16,
 ) -> torch.Tensor:
-    """[samples, seq_len] token ids from `spec` (a path, a datasets name, or `self`)."""
+    """[samples, seq_len] token ids from `spec` (a path, a datasets name, or `self`).
+
+    For `self`, `model` is the model or a zero-argument function that loads it (called only if the text is not cached).
+    """
     if spec == "self":
         if model is None:
             raise DataError("--data self needs the model to sample text from.")

@@ -155,8 +155,12 @@ def fuse_model(model: Any, plan: Plan, require_engine_widths: bool = False) -> A
     fused.load_state_dict(tensors, strict=False, assign=True)
     if new_config.get("tie_word_embeddings"):
         fused.tie_weights()
-    fused.model.rotary_emb = type(fused.model.rotary_emb)(fused.config)
     missing = [n for n, p in fused.named_parameters() if p.is_meta]
     if missing:
         raise RuntimeError(f"fusion left parameters without weights: {missing[:5]}")
-    return fused.to(device=param.device, dtype=param.dtype).eval()
+    rotary = type(fused.model.rotary_emb)
+    del fused.model.rotary_emb  # its frequencies are meta tensors, which cannot be moved
+    fused = fused.to(device=param.device, dtype=param.dtype).eval()
+    # Built after the cast: RoPE frequencies stay float32, as in a transformers model loaded in bf16.
+    fused.model.rotary_emb = rotary(fused.config).to(param.device)
+    return fused

@@ -401,7 +401,7 @@ def check_model(analysis: Analysis, model: str) -> None:
     from ffnfusion.source import resolve_model
 
     hf_config = resolve_model(model).config()
-    identity = model_identity(model, adapter_for(hf_config).decilm_config(hf_config), None)
+    identity = model_identity(model, adapter_for(hf_config).decilm_config(hf_config))
     check_same_model(analysis, identity)
 
 
@@ -425,7 +425,7 @@ def iterative_rescorer(
 
     from ffnfusion.adapters import adapter_for
     from ffnfusion.analysis.attention import score_attention
-    from ffnfusion.analysis.run import model_identity, resolve_device, resolve_dtype
+    from ffnfusion.analysis.run import model_fingerprint, model_identity, resolve_device, resolve_dtype
     from ffnfusion.analysis.runner import SubBlockRunner
     from ffnfusion.analysis.schema import check_same_model
     from ffnfusion.data import calibration_tokens
@@ -437,7 +437,7 @@ def iterative_rescorer(
     source = resolve_model(spec)
     hf_config = source.config()
     decilm_config = adapter_for(hf_config).decilm_config(hf_config)
-    check_same_model(analysis, model_identity(spec, decilm_config, None))
+    check_same_model(analysis, model_identity(spec, decilm_config))
     cal = analysis.calibration
     dev = resolve_device(device or analysis.settings.device)
     torch_dtype = resolve_dtype(dtype or analysis.settings.dtype, dev)
@@ -458,7 +458,7 @@ def iterative_rescorer(
     )
     decilm = fuse_model(hf_model, Plan())
     del hf_model
-    check_same_model(analysis, model_identity(spec, decilm_config, decilm), compare_weights=True)
+    check_same_model(analysis, model_identity(spec, decilm_config, model_fingerprint(decilm)), compare_weights=True)
     runner = SubBlockRunner(decilm)
     size = batch_size or analysis.settings.batch_size
 

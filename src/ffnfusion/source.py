@@ -132,9 +132,16 @@ def resolve_model(spec: str | Path) -> ModelSource:
 
 
 def load_model(
-    source: ModelSource | str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+    source: ModelSource | str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    offload_folder: str | Path | None = None,
 ) -> torch.nn.Module:
-    """An eval-mode causal LM: the original family's transformers class, or DeciLM for fused checkpoints."""
+    """An eval-mode causal LM: the original family's transformers class, or DeciLM for fused checkpoints.
+
+    With `offload_folder`, accelerate places the model over every visible GPU, then host memory, then that folder
+    (device_map="auto"), for models larger than one device; `device` is then ignored.
+    """
     import ffnfusion.modeling  # noqa: F401  (registers DeciLM with the Auto classes)
 
     source = source if isinstance(source, ModelSource) else resolve_model(source)
@@ -144,6 +151,15 @@ def load_model(
         verify_fused_checkpoint(source.folder)
     else:
         adapter_for(source.config())
+    if offload_folder is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.folder,
+            dtype=parse_dtype(dtype),
+            device_map="auto",
+            offload_folder=str(offload_folder),
+            **source.load_kwargs,
+        )
+        return model.eval()
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=parse_dtype(dtype), **source.load_kwargs)
     return model.to(device).eval()
 

@@ -73,19 +73,19 @@ def score_attention(
         runner.part = "baseline"
         prefix = runner.prefix(ids, removed)
         teacher = teacher_for(runner, ids, prefix, removed)
-        base_totals(runner, prefix, teacher, removed, totals)
+        base_totals(runner, prefix.attn_in[-1], teacher, removed, totals)
         runner.part = "attention"
         attention_scores_batch(runner, prefix, removed, candidates, teacher, kl_sums, ce_sums)
     return finish_attention(tokens, candidates, kl_sums, ce_sums, totals)
 
 
 def base_totals(
-    runner: SubBlockRunner, prefix: Prefix, teacher: Teacher, removed: set[int], totals: torch.Tensor
+    runner: SubBlockRunner, base_out: torch.Tensor, teacher: Teacher, removed: set[int], totals: torch.Tensor
 ) -> None:
-    """Accumulate [original ce, base ce, base kl] sums for one batch."""
+    """Accumulate [original ce, base ce, base kl] sums for one batch; base_out is the base model's last layer output."""
     totals[0] += teacher.ce_sum
     if removed:
-        kl, ce = runner.compare_to_teacher(prefix.attn_in[-1], teacher)
+        kl, ce = runner.compare_to_teacher(base_out, teacher)
         totals[1] += ce
         totals[2] += kl
     else:

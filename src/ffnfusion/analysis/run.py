@@ -101,7 +101,7 @@ def parse_layers(spec: str | Iterable[int] | None) -> list[int]:
     return sorted(out)
 
 
-def model_identity(spec: str, decilm_config: dict[str, Any], model: torch.nn.Module | None) -> ModelIdentity:
+def model_identity(spec: str, decilm_config: dict[str, Any], fingerprint: str = "") -> ModelIdentity:
     return ModelIdentity(
         name=spec,
         model_type=decilm_config["source_model_type"],
@@ -112,22 +112,29 @@ def model_identity(spec: str, decilm_config: dict[str, Any], model: torch.nn.Mod
         ffn_widths=ffn_widths(decilm_config),
         has_o_bias=bool(decilm_config.get("attention_bias")),
         config_hash=config_hash(decilm_config),
-        weights_fingerprint=weights_fingerprint(model) if model is not None else "",
+        weights_fingerprint=fingerprint,
     )
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of fixed slices of three tensors, rounded to bf16 so a float32 and a bf16 load of one model agree."""
-    inner = model.model
-    tensors = [
-        inner.embed_tokens.weight,
-        inner.layers[0].self_attn.q_proj.weight,
-        inner.layers[-1].mlp.down_proj.weight,
-    ]
+FINGERPRINT_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "mlp.down_proj.weight")
+
+
+def fingerprint_names(num_layers: int) -> list[str]:
+    """The DeciLM tensors the fingerprint hashes: the embeddings, the first q_proj and the last down_proj."""
+    return [*FINGERPRINT_TENSORS[:2], f"model.layers.{num_layers - 1}.{FINGERPRINT_TENSORS[2]}"]
+
+
+def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
+    """sha256 of fixed slices of the tensors, rounded to bf16 so a float32 and a bf16 load of one model agree."""
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(t.detach().flatten()[:4096].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    params = dict(model.named_parameters())
+    return weights_fingerprint(params[name] for name in fingerprint_names(len(model.model.layers)))
 
 
 def planned_evals(num_layers: int, removed: set[int]) -> dict[str, int]:
@@ -185,7 +192,7 @@ def measure(
             block = prefix.ffn_out[i].float() + (0 if prefix.attn_out[i] is None else prefix.attn_out[i].float())
             stats[i, 2] += sub_block_stats_sums(block, prefix.attn_in[i])
         teacher = teacher_for(runner, ids, prefix, removed)
-        base_totals(runner, prefix, teacher, removed, totals)
+        base_totals(runner, prefix.attn_in[-1], teacher, removed, totals)
         runner.part = "ffn_dependency"
         ffn_dependency_batch(runner, prefix, removed, ffn_sums)
         runner.part = "block_dependency"
@@ -328,10 +335,18 @@ def analyze(
     dtype: str | None = "auto",
     batch_size: int | None = None,
     overwrite: bool = False,
+    stream: bool = False,
+    activations: str = "auto",
+    stream_samples: int | None = None,
     show_progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> AnalyzeResult:
-    """Measure `model` on calibration text and write `out`/analysis.json plus heatmaps (atomically)."""
+    """Measure `model` on calibration text and write `out`/analysis.json plus heatmaps (atomically).
+
+    stream=True loads one layer at a time onto the device (see `analysis.streamed`), for models larger than the
+    device or host memory; `activations` (auto, device, cpu) and `stream_samples` (sequences per pass over the
+    weights) bound the memory of the activations kept between layers. Results match the in-memory path.
+    """
     started = time.perf_counter()
     say = log or (lambda _msg: None)
     if samples < 1:
@@ -357,30 +372,57 @@ def analyze(
     batch_size = batch_size or (16 if dev.type == "cuda" else 8)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1 (got {batch_size}).")
+    if activations not in ("auto", "device", "cpu"):
+        raise ValueError(f"--activations {activations}: use auto, device or cpu.")
+    if not stream and (activations != "auto" or stream_samples is not None):
+        raise ValueError("--activations and --stream-samples apply to streamed analysis: add --stream.")
+    if stream_samples is not None and stream_samples < 1:
+        raise ValueError(f"--stream-samples must be at least 1 (got {stream_samples}).")
 
-    say(f"loading {model} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
-    hf_model = load_model(source, torch_dtype, dev)
     tokenizer = source.tokenizer()
     if tokenizer is None:
         raise ModelSourceError(f"{model} has no tokenizer; analysis needs one to tokenize the calibration text.")
     identity_key = config_hash(decilm_config)
-    say(f"calibration data: {data} ({samples} x {seq_len} tokens, seed {seed})")
-    tokens = calibration_tokens(
-        data, tokenizer, samples, seq_len, seed, model=hf_model, model_key=identity_key, text_field=text_field
-    )
-    from ffnfusion.fuse import fuse_model
-
-    decilm = fuse_model(hf_model, Plan())
-    del hf_model
-    identity = model_identity(model, decilm_config, decilm)
     per_batch = planned_evals(num_layers, removed)
     batches = -(-samples // batch_size)
-    measure_started = time.perf_counter()
-    with _progress(show_progress, sum(per_batch.values()) * batches, "analyzing") as tick:
-        m = measure(decilm, tokens, removed, batch_size, tick)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    measure_seconds = time.perf_counter() - measure_started
+
+    def calibrate(model_or_loader: Any) -> torch.Tensor:
+        say(f"calibration data: {data} ({samples} x {seq_len} tokens, seed {seed})")
+        return calibration_tokens(
+            data, tokenizer, samples, seq_len, seed, model_or_loader, model_key=identity_key, text_field=text_field
+        )
+
+    if stream:
+        m, identity, tokens, measure_seconds = _measure_streamed(
+            source,
+            model,
+            decilm_config,
+            calibrate,
+            removed,
+            dev,
+            torch_dtype,
+            batch_size,
+            activations=activations,
+            stream_samples=stream_samples,
+            show_progress=show_progress,
+            say=say,
+        )
+    else:
+        say(f"loading {model} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
+        hf_model = load_model(source, torch_dtype, dev)
+        tokens = calibrate(hf_model)
+        from ffnfusion.fuse import fuse_model
+
+        decilm = fuse_model(hf_model, Plan())
+        del hf_model
+        identity = model_identity(model, decilm_config, model_fingerprint(decilm))
+        measure_started = time.perf_counter()
+        with _progress(show_progress, sum(per_batch.values()) * batches, "analyzing") as tick:
+            m = measure(decilm, tokens, removed, batch_size, tick)
+        del decilm
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        measure_seconds = time.perf_counter() - measure_started
     calibration = Calibration(
         data=str(data),
         samples=samples,
@@ -413,6 +455,54 @@ def analyze(
         }
         (tmp / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
     return AnalyzeResult(analysis, out, seconds, measure_seconds, device_name(dev))
+
+
+def _measure_streamed(
+    source: ModelSource,
+    spec: str,
+    decilm_config: dict[str, Any],
+    calibrate: Callable[[Any], torch.Tensor],
+    removed: set[int],
+    dev: torch.device,
+    torch_dtype: torch.dtype,
+    batch_size: int,
+    activations: str,
+    stream_samples: int | None,
+    show_progress: bool,
+    say: Callable[[str], None],
+) -> tuple[Measurements, ModelIdentity, torch.Tensor, float]:
+    """The streamed counterpart of load + calibrate + measure: no step holds more than one layer on the device."""
+    import tempfile
+
+    from ffnfusion.analysis.streamed import LayerLoader, measure_streamed, plan_streaming
+
+    num_layers = len(decilm_config["block_configs"])
+    get = source.tensor_getter()
+    loader = LayerLoader(decilm_config, get, torch_dtype, dev)
+    with tempfile.TemporaryDirectory(prefix="ffnfusion-offload-") as offload:
+
+        def generator() -> torch.nn.Module:
+            # Sampling text needs whole forward passes: accelerate spreads the model over the GPUs, host memory and
+            # a scratch folder, so a model larger than one device can still write its own calibration text.
+            say(f"loading {spec} across the available devices (device_map=auto) to sample calibration text")
+            return load_model(source, torch_dtype, offload_folder=offload)
+
+        tokens = calibrate(generator)
+    samples, seq_len = tokens.shape
+    stream_plan = plan_streaming(loader, samples, seq_len, batch_size, removed, activations, stream_samples)
+    fingerprint = weights_fingerprint(get(name).to(torch_dtype) for name in fingerprint_names(num_layers))
+    identity = model_identity(spec, decilm_config, fingerprint)
+    say(stream_plan.describe())
+    per_pass = planned_evals(num_layers, removed)
+    total = sum(per_pass.values()) * -(-samples // batch_size)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    started = time.perf_counter()
+    with _progress(show_progress, total, "analyzing (streamed)") as tick:
+        m = measure_streamed(loader, tokens, removed, batch_size, stream_plan, tick)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return m, identity, tokens, time.perf_counter() - started
 
 
 def device_name(dev: torch.device) -> str:

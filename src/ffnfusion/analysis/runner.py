@@ -48,7 +48,13 @@ class EvalCounter:
 class SubBlockRunner:
     """Runs a DeciLM model (one plain layer per original layer) sub-block by sub-block."""
 
-    def __init__(self, model: torch.nn.Module, tick: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tick: Callable[[int], None] | None = None,
+        device: torch.device | None = None,
+    ):
+        """`device`: where the activations live, for a model whose weights are loaded piecewise (streamed)."""
         layers = list(model.model.layers)
         if any(getattr(layer, "parallel", 1) != 1 or not layer.has_attention or not layer.has_ffn for layer in layers):
             raise ValueError("analysis needs the unmodified model: every layer with its own attention and FFN")
@@ -58,6 +64,7 @@ class SubBlockRunner:
         self.counter = EvalCounter()
         self.part = "baseline"
         self._tick = tick
+        self._device = device
 
     def _count(self, sub_blocks: int = 0, lm_heads: int = 0) -> None:
         self.counter.add(self.part, sub_blocks, lm_heads)
@@ -66,7 +73,7 @@ class SubBlockRunner:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self._device or next(self.model.parameters()).device
 
     def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         x = self.model.model.embed_tokens(ids)

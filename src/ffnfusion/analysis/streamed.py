@@ -1,0 +1,373 @@
+"""Layer-streamed analysis: the same measurements as `measure`, with one layer's weights on the device at a time.
+
+`measure` runs each perturbed model row by row (remove sub-block i, run layers i+1..L). Here the loops are turned
+inside out: layer j is loaded once per pass and advances every run that has reached it, the base run, the teacher
+run, one run per dependency-matrix row and one per attention candidate. Those runs' residual streams are the
+activations kept between layers, on the device when they fit and in pinned host memory otherwise. A pass covers
+as many calibration sequences as the activation budget holds; more sequences mean more passes over the weights.
+
+Every sub-block sees exactly the tensors it sees in `measure`, batch for batch, and every sum is accumulated in
+the same batch order, so the two paths give the same analysis up to the kernels' own nondeterminism (none on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ffnfusion.analysis.attention import base_totals, finish_attention
+from ffnfusion.analysis.dependency import block_contribution, upper_matrix
+from ffnfusion.analysis.runner import SubBlockRunner, next_token_targets
+from ffnfusion.analysis.stats import cos_distance_sum, sub_block_stats_sums
+from ffnfusion.plan import Plan, plan_blocks
+from ffnfusion.surgery import TensorGetter, block_tensors
+
+# Device memory left free for the working set of one batch: a layer's temporaries, logits chunks, teacher probs.
+_DEVICE_RESERVE = 0.25
+# Share of the host's available memory the activations may take when they live there.
+_HOST_SHARE = 0.5
+
+
+class LayerLoader:
+    """One DeciLM module at a time, materialised on `device` in `dtype` from the original checkpoint's tensors.
+
+    The model object is a skeleton on the meta device; `load` fills a module's parameters and `release` returns
+    them to meta, so at most one layer (plus the one being read ahead on the host) holds real memory.
+    """
+
+    def __init__(self, decilm_config: dict[str, Any], get: TensorGetter, dtype: torch.dtype, device: torch.device):
+        from ffnfusion.modeling.modeling_decilm import DeciLMConfig, DeciLMForCausalLM
+
+        self.config = decilm_config
+        self.get = get
+        self.dtype = dtype
+        self.device = device
+        self.num_layers = len(decilm_config["block_configs"])
+        with torch.device("meta"):
+            self.model = DeciLMForCausalLM(DeciLMConfig(**decilm_config))
+        self.model.eval()
+        # Built on the device and never cast: RoPE frequencies stay float32, as in `fuse_model`.
+        self.model.model.rotary_emb = type(self.model.model.rotary_emb)(self.model.config).to(device)
+        self._blocks = plan_blocks(Plan(), self.num_layers)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._ahead: dict[int, Any] = {}
+
+    def layer_bytes(self, j: int) -> int:
+        """Bytes of layer j's weights in the analysis dtype (from the config: nothing is read)."""
+        layer = self.model.model.layers[j]
+        return sum(p.numel() for p in layer.parameters()) * self.dtype.itemsize
+
+    def _read_layer(self, j: int) -> dict[str, torch.Tensor]:
+        prefix = f"model.layers.{j}."
+        # Cast on the host while the device works on the previous layer; pinned so the copy can run asynchronously.
+        tensors = {}
+        for name, t in block_tensors(self.config, self._blocks[j], j, self.get):
+            t = t.to(self.dtype)
+            tensors[name.removeprefix(prefix)] = t.pin_memory() if self.device.type == "cuda" else t
+        return tensors
+
+    def read_ahead(self, j: int) -> None:
+        if 0 <= j < self.num_layers and j not in self._ahead:
+            self._ahead[j] = self._pool.submit(self._read_layer, j)
+
+    def load_layer(self, j: int) -> None:
+        self.read_ahead(j)
+        tensors = self._ahead.pop(j).result()
+        self.read_ahead(j + 1)
+        on_device = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
+        self.model.model.layers[j].load_state_dict(on_device, strict=True, assign=True)
+
+    def release_layer(self, j: int) -> None:
+        self.model.model.layers[j].to("meta")
+
+    def _load(self, module: torch.nn.Module, name: str) -> None:
+        weight = self.get(name).to(self.dtype).to(self.device)
+        module.load_state_dict({"weight": weight}, strict=True, assign=True)
+
+    def load_embeddings(self) -> None:
+        self._load(self.model.model.embed_tokens, "model.embed_tokens.weight")
+
+    def load_head(self) -> None:
+        self._load(self.model.model.norm, "model.norm.weight")
+        tied = self.config.get("tie_word_embeddings")
+        self._load(self.model.lm_head, "model.embed_tokens.weight" if tied else "lm_head.weight")
+
+    def release(self) -> None:
+        """Everything but the layers back to meta (the embeddings and head are loaded one phase at a time)."""
+        for module in (self.model.model.embed_tokens, self.model.model.norm, self.model.lm_head):
+            module.to("meta")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ahead.clear()
+
+
+class ActivationStore:
+    """Residual streams kept between layers: on the compute device, or in pinned host memory copied asynchronously.
+
+    One CUDA stream does all the work, so a host buffer is never overwritten before the copy out of it is done.
+    """
+
+    def __init__(self, compute: torch.device, where: torch.device):
+        self.compute = compute
+        self.where = where
+        self._held: dict[Any, torch.Tensor] = {}
+
+    def put(self, key: Any, x: torch.Tensor) -> None:
+        if self.where == self.compute:
+            self._held[key] = x
+            return
+        buf = self._held.get(key)
+        if buf is None or buf.shape != x.shape:
+            buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.compute.type == "cuda")
+            self._held[key] = buf
+        buf.copy_(x, non_blocking=True)
+
+    def take(self, key: Any) -> torch.Tensor:
+        return self._held[key].to(self.compute, non_blocking=True)
+
+    def clear(self) -> None:
+        self._held.clear()
+
+
+@dataclass
+class StreamPlan:
+    """How a streamed analysis fits in memory: where the activations live and how many sequences share a pass."""
+
+    activations: str  # "device" or "cpu"
+    samples_per_pass: int
+    passes: int
+    activation_bytes: int  # one pass's residual streams
+    largest_layer_bytes: int
+
+    def describe(self) -> str:
+        return (
+            f"streaming layers: {self.passes} pass(es) of {self.samples_per_pass} sequences over the weights, "
+            f"{self.activation_bytes / 2**30:.2f} GiB of activations on {self.activations}, "
+            f"largest layer {self.largest_layer_bytes / 2**30:.2f} GiB"
+        )
+
+
+def streams_per_sequence(num_layers: int, removed: set[int]) -> int:
+    """Residual streams kept per calibration sequence: base, teacher, each matrix row, each attention candidate."""
+    return 1 + bool(removed) + 2 * (num_layers - 1) + sum(1 for i in range(num_layers) if i not in removed)
+
+
+def host_available_bytes() -> int:
+    """Memory the OS can give without swapping (MemAvailable: free plus reclaimable page cache)."""
+    try:
+        import psutil
+    except ImportError:  # psutil comes with accelerate; fall back to the kernel's own figure
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().available)
+
+
+def plan_streaming(
+    loader: LayerLoader,
+    samples: int,
+    seq_len: int,
+    batch_size: int,
+    removed: set[int],
+    activations: str = "auto",
+    samples_per_pass: int | None = None,
+) -> StreamPlan:
+    """Choose where the activations live and the pass size: the fewest passes that fit, on the device if possible."""
+    if activations not in ("auto", "device", "cpu"):
+        raise ValueError(f"--activations {activations}: use auto, device or cpu.")
+    hidden = loader.config["hidden_size"]
+    per_sequence = streams_per_sequence(loader.num_layers, removed) * seq_len * hidden * loader.dtype.itemsize
+    largest = max(loader.layer_bytes(j) for j in range(loader.num_layers))
+    compute = loader.device
+    if compute.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(compute)
+        device_budget = int(free * (1 - _DEVICE_RESERVE)) - 2 * largest
+    else:
+        device_budget = host_available_bytes() - 2 * largest
+    host_budget = int(host_available_bytes() * _HOST_SHARE)
+    if activations == "auto":
+        fits = per_sequence * samples <= device_budget
+        activations = "device" if compute.type == "cpu" or fits else "cpu"
+    where = "device" if activations == "device" or compute.type == "cpu" else "cpu"
+    budget = device_budget if where == "device" else host_budget
+    if samples_per_pass is None:
+        fit = max(batch_size, (budget // per_sequence) // batch_size * batch_size)
+        samples_per_pass = min(samples, fit)
+    elif samples_per_pass < 1:
+        raise ValueError(f"--stream-samples must be at least 1 (got {samples_per_pass}).")
+    elif samples_per_pass % batch_size and samples_per_pass < samples:
+        raise ValueError(
+            f"--stream-samples {samples_per_pass} is not a multiple of --batch-size {batch_size}; "
+            "use a multiple so every pass holds whole batches."
+        )
+    samples_per_pass = min(samples_per_pass, samples)
+    return StreamPlan(
+        activations="cpu" if compute.type == "cuda" and where == "cpu" else "device",
+        samples_per_pass=samples_per_pass,
+        passes=math.ceil(samples / samples_per_pass),
+        activation_bytes=per_sequence * samples_per_pass,
+        largest_layer_bytes=largest,
+    )
+
+
+def _batches(tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for first in range(0, tokens.shape[0], batch_size):
+        yield tokens[first : first + batch_size]
+
+
+@torch.inference_mode()
+def measure_streamed(
+    loader: LayerLoader,
+    tokens: torch.Tensor,
+    removed: set[int],
+    batch_size: int,
+    plan: StreamPlan,
+    tick: Callable[[int], None] | None = None,
+) -> Any:
+    """`measure`'s Measurements, loading one layer at a time (see the module docstring)."""
+    from ffnfusion.analysis.run import Measurements
+
+    device = loader.device
+    runner = SubBlockRunner(loader.model, tick, device=device)
+    n = runner.num_layers
+    stats = torch.zeros(n, 3, 2, dtype=torch.float64, device=device)
+    ffn_sums = torch.zeros(n, n, dtype=torch.float64, device=device)
+    block_sums = torch.zeros(n, n, dtype=torch.float64, device=device)
+    kl_sums = torch.zeros(n, dtype=torch.float64, device=device)
+    ce_sums = torch.zeros(n, dtype=torch.float64, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    candidates = [i for i in range(n) if i not in removed]
+    store = ActivationStore(device, device if plan.activations == "device" else torch.device("cpu"))
+    batches = 0
+    try:
+        for first in range(0, tokens.shape[0], plan.samples_per_pass):
+            chunk = list(_batches(tokens[first : first + plan.samples_per_pass], batch_size))
+            batches += len(chunk)
+            loader.load_embeddings()
+            loader.read_ahead(0)  # after the embeddings: the checkpoint reader is used from one thread at a time
+            pe = None
+            for b, ids in enumerate(chunk):
+                x, pe = runner.embed(ids.to(device))
+                store.put(("base", b), x)
+                if removed:
+                    store.put(("teacher", b), x)
+            loader.release()
+            for j in range(n):
+                loader.load_layer(j)
+                for b in range(len(chunk)):
+                    _advance(runner, store, b, j, pe, removed, candidates, stats, ffn_sums, block_sums)
+                loader.release_layer(j)
+            loader.load_head()
+            for b, ids in enumerate(chunk):
+                _finish(runner, store, b, ids.to(device), removed, candidates, kl_sums, ce_sums, totals)
+            loader.release()
+            store.clear()
+    finally:
+        loader.close()
+    count = tokens.numel()
+    return Measurements(
+        stats=(stats / count).cpu(),
+        ffn=upper_matrix(ffn_sums.cpu(), count),
+        block=upper_matrix(block_sums.cpu(), count),
+        attention=finish_attention(tokens, candidates, kl_sums, ce_sums, totals),
+        counter=runner.counter,
+        batches=batches,
+    )
+
+
+def _advance(
+    runner: SubBlockRunner,
+    store: ActivationStore,
+    b: int,
+    j: int,
+    pe: Any,
+    removed: set[int],
+    candidates: list[int],
+    stats: torch.Tensor,
+    ffn_sums: torch.Tensor,
+    block_sums: torch.Tensor,
+) -> None:
+    """Push batch b's runs through layer j, measure them against the base run, and start the runs layer j begins."""
+    n = runner.num_layers
+    runner.part = "baseline"
+    x = store.take(("base", b))
+    a = None if j in removed else runner.attention(j, x, pe)
+    h = x if a is None else x + a
+    f = runner.ffn(j, h)
+    if a is not None:
+        stats[j, 0] += sub_block_stats_sums(a, x)
+    stats[j, 1] += sub_block_stats_sums(f, h)
+    base_block = block_contribution(a, f)
+    stats[j, 2] += sub_block_stats_sums(base_block, x)
+    store.put(("base", b), h + f)
+
+    if removed:
+        runner.part = "teacher"
+        store.put(("teacher", b), runner.run_layers(store.take(("teacher", b)), pe, [j], set()))
+
+    def step(key: Any, on_layer: Callable[[int, torch.Tensor | None, torch.Tensor], None] | None = None) -> None:
+        store.put(key, runner.run_layers(store.take(key), pe, [j], removed, on_layer))
+
+    runner.part = "ffn_dependency"
+    for i in range(j):
+
+        def ffn_row(_j: int, _a: torch.Tensor | None, ffn: torch.Tensor, i: int = i) -> None:
+            ffn_sums[i, j] += cos_distance_sum(f, ffn)
+
+        step(("ffn", b, i), ffn_row)
+    runner.part = "block_dependency"
+    for i in range(j):
+
+        def block_row(_j: int, attention: torch.Tensor | None, ffn: torch.Tensor, i: int = i) -> None:
+            block_sums[i, j] += cos_distance_sum(base_block, block_contribution(attention, ffn))
+
+        step(("block", b, i), block_row)
+    runner.part = "attention"
+    for i in candidates:
+        if i < j:
+            step(("attention", b, i))
+
+    # Runs that start here: row j of each matrix (layer j's FFN or whole layer removed) and attention j removed.
+    if j < n - 1:
+        store.put(("ffn", b, j), h)
+        store.put(("block", b, j), x)
+    if j not in removed:
+        store.put(("attention", b, j), x + runner.ffn(j, x))
+
+
+def _finish(
+    runner: SubBlockRunner,
+    store: ActivationStore,
+    b: int,
+    ids: torch.Tensor,
+    removed: set[int],
+    candidates: list[int],
+    kl_sums: torch.Tensor,
+    ce_sums: torch.Tensor,
+    totals: torch.Tensor,
+) -> None:
+    """Batch b's teacher distribution, the base model's loss and KL, and every attention candidate's."""
+    targets = next_token_targets(ids)
+    base_out = store.take(("base", b))
+    if removed:
+        runner.part = "teacher"
+        teacher = runner.teacher(store.take(("teacher", b)), targets)
+    else:
+        runner.part = "baseline"
+        teacher = runner.teacher(base_out, targets)
+    runner.part = "baseline"
+    base_totals(runner, base_out, teacher, removed, totals)
+    runner.part = "attention"
+    for i in candidates:
+        kl, ce = runner.compare_to_teacher(store.take(("attention", b, i)), teacher)
+        kl_sums[i] += kl
+        ce_sums[i] += ce

@@ -1,0 +1,157 @@
+"""Layer-streamed `analyze`: the same analysis as the in-memory path, one layer resident at a time, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis_fakes import save_with_tokenizer, text_file
+from conftest import tiny_model
+from ffnfusion.analysis import analyze
+from ffnfusion.analysis.streamed import LayerLoader, plan_streaming, streams_per_sequence
+from ffnfusion.checkpoint import INDEX_NAME, CheckpointError
+
+SHARD = 30_000  # bytes: every tiny model below spans several shards
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Multi-shard tiny checkpoints: a plain Llama, a tied/biased/llama3-RoPE Llama, and a Qwen3 (q/k norms)."""
+    root = tmp_path_factory.mktemp("streamed")
+    text_file(root / "text.txt", words=4000)
+    out = {"text": root / "text.txt"}
+    for family, seed in (("llama", 3), ("llama-bias-tied-rope3", 4), ("qwen3", 5)):
+        folder = root / family
+        model = tiny_model(family, seed=seed)
+        model.save_pretrained(folder, max_shard_size=SHARD)
+        save_with_tokenizer(model, folder.with_name(family + "-tok"))  # tokenizer files only are taken from it
+        for f in folder.with_name(family + "-tok").glob("*token*"):
+            (folder / f.name).write_bytes(f.read_bytes())
+        assert (folder / INDEX_NAME).is_file() and len(list(folder.glob("*.safetensors"))) >= 3
+        out[family] = folder
+    return out
+
+
+def _analyze(models: dict[str, Path], family: str, out: Path, **kw):
+    args = dict(data=str(models["text"]), samples=7, seq_len=20, device="cpu", dtype="float32", batch_size=3)
+    return analyze(str(models[family]), out, **{**args, **kw})
+
+
+def _json(folder: Path) -> dict:
+    return json.loads((folder / "analysis.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype", "removed", "stream_samples"),
+    [
+        ("llama", "float32", None, None),  # one pass over the weights
+        ("llama", "bfloat16", "1,4", 3),  # three passes of one batch each; teacher run kept beside the base run
+        ("llama-bias-tied-rope3", "float32", "0", 6),  # tied lm_head read from the embeddings
+        ("qwen3", "bfloat16", None, 3),
+    ],
+)
+def test_streamed_analysis_equals_in_memory(
+    models: dict[str, Path], tmp_path: Path, family: str, dtype: str, removed: str | None, stream_samples: int | None
+) -> None:
+    memory = _analyze(models, family, tmp_path / "memory", dtype=dtype, remove_attention=removed)
+    options = dict(dtype=dtype, remove_attention=removed, stream=True, stream_samples=stream_samples)
+    streamed = _analyze(models, family, tmp_path / "streamed", **options)
+    # Same tensors into every sub-block and the same summation order: equal, not just close (CPU kernels are
+    # deterministic), including the identity, the calibration tokens and the evaluation counts of the cost figure.
+    assert streamed.analysis == memory.analysis
+    written = [(tmp_path / run / "analysis.json").read_bytes() for run in ("streamed", "memory")]
+    assert written[0] == written[1]
+    a = streamed.analysis
+    assert a.base_kl > 0 if removed else a.base_kl == 0
+    assert min(v for row in a.ffn_dependency for v in row if v is not None) > 0
+
+
+def test_only_one_layer_is_resident_at_a_time(models: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    resident: list[int] = []
+    real_load = LayerLoader.load_layer
+
+    def load_layer(self: LayerLoader, j: int) -> None:
+        real_load(self, j)
+        layers = [i for i, layer in enumerate(self.model.model.layers) if not next(layer.parameters()).is_meta]
+        assert layers == [j], f"layers {layers} hold weights while layer {j} runs"
+        for module in (self.model.model.embed_tokens, self.model.lm_head):
+            assert module.weight.is_meta, "embeddings and head are loaded only in their own phase"
+        resident.append(j)
+
+    monkeypatch.setattr(LayerLoader, "load_layer", load_layer)
+    _analyze(models, "llama", tmp_path / "out", stream=True, stream_samples=6)
+    assert resident == [*range(6), *range(6)]  # two passes (7 sequences, 6 per pass), each layer loaded once per pass
+
+
+def test_pass_size_follows_the_memory_budget(models: dict[str, Path], monkeypatch) -> None:
+    import ffnfusion.analysis.streamed as streamed
+    from ffnfusion.adapters import adapter_for
+    from ffnfusion.source import resolve_model
+
+    source = resolve_model(str(models["llama"]))
+    config = adapter_for(source.config()).decilm_config(source.config())
+    loader = LayerLoader(config, source.tensor_getter(), torch.float32, torch.device("cpu"))
+    per_sequence = streams_per_sequence(6, {2}) * 20 * 48 * 4
+    assert streams_per_sequence(6, {2}) == 1 + 1 + 10 + 5
+    layer = loader.layer_bytes(0)
+    assert layer == (4 * 48 * 12 + 48 * 48 * 2 + 3 * 48 * 80 + 2 * 48) * 4  # q,o + k,v (2 kv heads) + FFN + norms
+    monkeypatch.setattr(streamed, "host_available_bytes", lambda: 2 * layer + 10 * per_sequence + 100)
+    plan = plan_streaming(loader, 64, 20, 4, {2})
+    assert (plan.samples_per_pass, plan.passes) == (8, 8)  # 10 sequences fit; rounded down to whole batches
+    assert plan.activation_bytes == 8 * per_sequence
+    monkeypatch.setattr(streamed, "host_available_bytes", lambda: 2 * layer)
+    assert plan_streaming(loader, 64, 20, 4, {2}).samples_per_pass == 4  # never less than one batch
+    assert plan_streaming(loader, 5, 20, 4, {2}, samples_per_pass=100).passes == 1
+    with pytest.raises(ValueError, match="not a multiple of --batch-size 4"):
+        plan_streaming(loader, 64, 20, 4, {2}, samples_per_pass=6)
+
+
+def test_bad_streaming_options_are_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="add --stream"):
+        _analyze(models, "llama", tmp_path / "a", stream_samples=3)
+    with pytest.raises(ValueError, match="use auto, device or cpu"):
+        _analyze(models, "llama", tmp_path / "b", stream=True, activations="gpu")
+    with pytest.raises(ValueError, match="--stream-samples must be at least 1"):
+        _analyze(models, "llama", tmp_path / "c", stream=True, stream_samples=0)
+    with pytest.raises(ValueError, match="not a multiple of --batch-size 3"):
+        _analyze(models, "llama", tmp_path / "d", stream=True, stream_samples=4)
+    assert not list(tmp_path.iterdir()), "nothing may be written for refused options"
+
+
+def _copy(folder: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in folder.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_broken_checkpoints_are_refused_before_any_work(models: dict[str, Path], tmp_path: Path) -> None:
+    missing = _copy(models["llama"], tmp_path / "missing")
+    shard = sorted(missing.glob("*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"shards named in {INDEX_NAME} are missing: {shard.name}"):
+        analyze(str(missing), tmp_path / "o1", data=str(models["text"]), samples=4, seq_len=20, stream=True)
+    truncated = _copy(models["llama"], tmp_path / "truncated")
+    shard = sorted(truncated.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        analyze(str(truncated), tmp_path / "o2", data=str(models["text"]), samples=4, seq_len=20, stream=True)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_run_that_dies_midway_leaves_no_output(models: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    real_load = LayerLoader.load_layer
+
+    def dying(self: LayerLoader, j: int) -> None:
+        if j == 3:
+            raise MemoryError("simulated: the host ran out of memory at layer 3")
+        real_load(self, j)
+
+    monkeypatch.setattr(LayerLoader, "load_layer", dying)
+    with pytest.raises(MemoryError, match="layer 3"):
+        _analyze(models, "llama", tmp_path / "out", stream=True)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))]
