@@ -57,47 +57,55 @@ class LayerLoader:
         self.model.model.rotary_emb = type(self.model.model.rotary_emb)(self.model.config).to(device)
         self._blocks = plan_blocks(Plan(), self.num_layers)
         self._pool = ThreadPoolExecutor(max_workers=1)
-        self._ahead: dict[int, Any] = {}
+        self._ahead: dict[int | str, Any] = {}
 
     def layer_bytes(self, j: int) -> int:
         """Bytes of layer j's weights in the analysis dtype (from the config: nothing is read)."""
         layer = self.model.model.layers[j]
         return sum(p.numel() for p in layer.parameters()) * self.dtype.itemsize
 
-    def _read_layer(self, j: int) -> dict[str, torch.Tensor]:
-        prefix = f"model.layers.{j}."
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
         # Cast on the host while the device works on the previous layer; pinned so the copy can run asynchronously.
-        tensors = {}
-        for name, t in block_tensors(self.config, self._blocks[j], j, self.get):
-            t = t.to(self.dtype)
-            tensors[name.removeprefix(prefix)] = t.pin_memory() if self.device.type == "cuda" else t
-        return tensors
+        t = t.to(self.dtype)
+        return t.pin_memory() if self.device.type == "cuda" else t
 
-    def read_ahead(self, j: int) -> None:
-        if 0 <= j < self.num_layers and j not in self._ahead:
-            self._ahead[j] = self._pool.submit(self._read_layer, j)
+    def _read(self, part: int | str) -> dict[str, torch.Tensor]:
+        if part == "head":
+            tied = self.config.get("tie_word_embeddings")
+            names = {"norm": "model.norm.weight", "lm_head": "model.embed_tokens.weight" if tied else "lm_head.weight"}
+            return {key: self._host(self.get(name)) for key, name in names.items()}
+        prefix = f"model.layers.{part}."
+        return {
+            name.removeprefix(prefix): self._host(t)
+            for name, t in block_tensors(self.config, self._blocks[part], part, self.get)
+        }
+
+    def read_ahead(self, part: int | str) -> None:
+        """Start reading layer `part` (or "head") from disk in the background."""
+        if part not in self._ahead and (part == "head" or 0 <= part < self.num_layers):
+            self._ahead[part] = self._pool.submit(self._read, part)
+
+    def _take(self, part: int | str) -> dict[str, torch.Tensor]:
+        self.read_ahead(part)
+        tensors = self._ahead.pop(part).result()
+        return {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
 
     def load_layer(self, j: int) -> None:
-        self.read_ahead(j)
-        tensors = self._ahead.pop(j).result()
-        self.read_ahead(j + 1)
-        on_device = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
-        self.model.model.layers[j].load_state_dict(on_device, strict=True, assign=True)
+        tensors = self._take(j)
+        self.read_ahead(j + 1 if j + 1 < self.num_layers else "head")
+        self.model.model.layers[j].load_state_dict(tensors, strict=True, assign=True)
 
     def release_layer(self, j: int) -> None:
         self.model.model.layers[j].to("meta")
 
-    def _load(self, module: torch.nn.Module, name: str) -> None:
-        weight = self.get(name).to(self.dtype).to(self.device)
-        module.load_state_dict({"weight": weight}, strict=True, assign=True)
-
     def load_embeddings(self) -> None:
-        self._load(self.model.model.embed_tokens, "model.embed_tokens.weight")
+        weight = self.get("model.embed_tokens.weight").to(self.dtype).to(self.device)
+        self.model.model.embed_tokens.load_state_dict({"weight": weight}, strict=True, assign=True)
 
     def load_head(self) -> None:
-        self._load(self.model.model.norm, "model.norm.weight")
-        tied = self.config.get("tie_word_embeddings")
-        self._load(self.model.lm_head, "model.embed_tokens.weight" if tied else "lm_head.weight")
+        tensors = self._take("head")
+        self.model.model.norm.load_state_dict({"weight": tensors["norm"]}, strict=True, assign=True)
+        self.model.lm_head.load_state_dict({"weight": tensors["lm_head"]}, strict=True, assign=True)
 
     def release(self) -> None:
         """Everything but the layers back to meta (the embeddings and head are loaded one phase at a time)."""
@@ -252,8 +260,8 @@ def measure_streamed(
         for first in range(0, tokens.shape[0], plan.samples_per_pass):
             chunk = list(_batches(tokens[first : first + plan.samples_per_pass], batch_size))
             batches += len(chunk)
+            loader.read_ahead(0)
             loader.load_embeddings()
-            loader.read_ahead(0)  # after the embeddings: the checkpoint reader is used from one thread at a time
             pe = None
             for b, ids in enumerate(chunk):
                 x, pe = runner.embed(ids.to(device))
