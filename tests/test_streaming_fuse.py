@@ -213,12 +213,12 @@ def test_exception_mid_stream_leaves_nothing(sharded, tmp_path, monkeypatch) -> 
     calls = 0
     real = LazySafetensors.get
 
-    def failing(self, name: str) -> torch.Tensor:
+    def failing(self, name: str, pin_memory: bool = False) -> torch.Tensor:
         nonlocal calls
         calls += 1
         if calls == 12:
             raise OSError("disk went away")
-        return real(self, name)
+        return real(self, name, pin_memory)
 
     monkeypatch.setattr(LazySafetensors, "get", failing)
     out = tmp_path / "out"

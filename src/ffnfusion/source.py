@@ -72,10 +72,13 @@ class ModelSource:
         config = self.folder / "config.json"
         return not self.gguf_file and config.is_file() and "block_configs" in json.loads(config.read_text())
 
-    def tensor_getter(self, dtype: torch.dtype | None = None, meta: bool = False) -> Callable[[str], torch.Tensor]:
+    def tensor_getter(
+        self, dtype: torch.dtype | None = None, meta: bool = False, pin_memory: bool = False
+    ) -> Callable[[str], torch.Tensor]:
         """name -> tensor, reading safetensors lazily (one tensor at a time) where the model is stored that way.
 
         With meta=True the tensors are meta tensors (shape and dtype only); from safetensors only headers are read.
+        pin_memory=True reads safetensors data into page-locked memory, for tensors headed to a GPU.
         """
         files = sorted(self.folder.glob("*.safetensors")) if not self.gguf_file else []
         if files:
@@ -83,7 +86,11 @@ class ModelSource:
 
             if self._lazy is None:
                 self._lazy = LazySafetensors(self.folder)
-            read = self._lazy.meta if meta else self._lazy.get
+            lazy = self._lazy
+
+            def read(name: str) -> torch.Tensor:
+                return lazy.meta(name) if meta else lazy.get(name, pin_memory)
+
             return read if dtype is None else lambda name: read(name).to(dtype)
         if self._state is None:
             model = load_model(self, dtype or torch.float32)

@@ -477,7 +477,7 @@ def _measure_streamed(
     from ffnfusion.analysis.streamed import LayerLoader, measure_streamed, plan_streaming
 
     num_layers = len(decilm_config["block_configs"])
-    get = source.tensor_getter()
+    get = source.tensor_getter(pin_memory=dev.type == "cuda")
     loader = LayerLoader(decilm_config, get, torch_dtype, dev)
     with tempfile.TemporaryDirectory(prefix="ffnfusion-offload-") as offload:
 

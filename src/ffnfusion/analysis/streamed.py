@@ -67,7 +67,7 @@ class LayerLoader:
     def _host(self, t: torch.Tensor) -> torch.Tensor:
         # Cast on the host while the device works on the previous layer; pinned so the copy can run asynchronously.
         t = t.to(self.dtype)
-        return t.pin_memory() if self.device.type == "cuda" else t
+        return t.pin_memory() if self.device.type == "cuda" and not t.is_pinned() else t
 
     def _read(self, part: int | str) -> dict[str, torch.Tensor]:
         if part == "head":
