@@ -155,3 +155,42 @@ def test_a_run_that_dies_midway_leaves_no_output(models: dict[str, Path], tmp_pa
         _analyze(models, "llama", tmp_path / "out", stream=True)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))]
+
+
+def test_a_killed_multi_pass_run_resumes_at_the_next_pass(
+    models: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    whole = _analyze(models, "llama", tmp_path / "whole", stream=True, stream_samples=3, remove_attention="2")
+    real_load = LayerLoader.load_layer
+    loads: list[int] = []
+
+    kill_at: list[int] = [6 * 2 + 4]  # two passes done, the third dies at layer 4
+
+    def dying(self: LayerLoader, j: int) -> None:
+        if len(loads) in kill_at:
+            raise RuntimeError("simulated kill in pass 3")
+        loads.append(j)
+        real_load(self, j)
+
+    monkeypatch.setattr(LayerLoader, "load_layer", dying)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        _analyze(models, "llama", tmp_path / "out", stream=True, stream_samples=3, remove_attention="2")
+    assert not (tmp_path / "out").exists()
+    progress = tmp_path / ".out.stream-progress.pt"
+    saved = progress.read_bytes()
+    # A run with other settings into the same folder does not resume from it (here it dies in its first pass).
+    messages: list[str] = []
+    kill_at[:] = [len(loads) + 3]
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        _analyze(models, "llama", tmp_path / "out", stream=True, stream_samples=3, log=messages.append)
+    assert not any("resuming" in m for m in messages) and progress.read_bytes() == saved
+    kill_at.clear()
+
+    loads.clear()
+    resumed = _analyze(
+        models, "llama", tmp_path / "out", stream=True, stream_samples=3, remove_attention="2", log=messages.append
+    )
+    assert loads == list(range(6)), "only the third pass (of 7 sequences, 3 per pass) runs again"
+    assert any("resuming the streamed analysis after pass 2 of 3" in m for m in messages)
+    assert resumed.analysis == whole.analysis
+    assert not progress.exists(), "the saved sums go once the analysis is written"

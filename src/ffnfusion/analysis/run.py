@@ -396,6 +396,7 @@ def analyze(
         m, identity, tokens, measure_seconds = _measure_streamed(
             source,
             model,
+            out,
             decilm_config,
             calibrate,
             removed,
@@ -454,12 +455,20 @@ def analyze(
             "pid": os.getpid(),
         }
         (tmp / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
+    stream_progress_path(out).unlink(missing_ok=True)
     return AnalyzeResult(analysis, out, seconds, measure_seconds, device_name(dev))
+
+
+def stream_progress_path(out: Path) -> Path:
+    """Where a streamed analysis keeps its sums between passes (beside `out`, removed once `out` is written)."""
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.stream-progress.pt"
 
 
 def _measure_streamed(
     source: ModelSource,
     spec: str,
+    out: Path,
     decilm_config: dict[str, Any],
     calibrate: Callable[[Any], torch.Tensor],
     removed: set[int],
@@ -471,10 +480,14 @@ def _measure_streamed(
     show_progress: bool,
     say: Callable[[str], None],
 ) -> tuple[Measurements, ModelIdentity, torch.Tensor, float]:
-    """The streamed counterpart of load + calibrate + measure: no step holds more than one layer on the device."""
+    """The streamed counterpart of load + calibrate + measure: no step holds more than one layer on the device.
+
+    The sums are saved after every pass over the weights beside `out`; running the same command again after a crash
+    resumes at the next pass.
+    """
     import tempfile
 
-    from ffnfusion.analysis.streamed import LayerLoader, measure_streamed, plan_streaming
+    from ffnfusion.analysis.streamed import LayerLoader, PassProgress, measure_streamed, plan_streaming
 
     num_layers = len(decilm_config["block_configs"])
     get = source.tensor_getter(pin_memory=dev.type == "cuda")
@@ -498,8 +511,21 @@ def _measure_streamed(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     started = time.perf_counter()
+    run_key = {
+        "model": identity.config_hash,
+        "weights": fingerprint,
+        "tokens": hashlib.sha256(tokens.numpy().astype("<i8").tobytes()).hexdigest(),
+        "removed": sorted(removed),
+        "dtype": str(torch_dtype),
+        "device": dev.type,
+        "batch_size": batch_size,
+        "samples_per_pass": stream_plan.samples_per_pass,
+    }
+    key = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
+    progress = PassProgress(stream_progress_path(out), key)
+    progress.path.parent.mkdir(parents=True, exist_ok=True)
     with _progress(show_progress, total, "analyzing (streamed)") as tick:
-        m = measure_streamed(loader, tokens, removed, batch_size, stream_plan, tick)
+        m = measure_streamed(loader, tokens, removed, batch_size, stream_plan, tick, progress, say)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return m, identity, tokens, time.perf_counter() - started

@@ -232,6 +232,28 @@ def _batches(tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield tokens[first : first + batch_size]
 
 
+@dataclass
+class PassProgress:
+    """Sums after the completed passes, saved after each pass so that a killed run resumes at the next one."""
+
+    path: Path
+    key: str  # everything the sums depend on: a saved file with another key belongs to another run
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        return state if state.get("key") == self.key else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({**state, "key": self.key}, tmp)
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 @torch.inference_mode()
 def measure_streamed(
     loader: LayerLoader,
@@ -240,24 +262,42 @@ def measure_streamed(
     batch_size: int,
     plan: StreamPlan,
     tick: Callable[[int], None] | None = None,
+    progress: PassProgress | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Any:
-    """`measure`'s Measurements, loading one layer at a time (see the module docstring)."""
+    """`measure`'s Measurements, loading one layer at a time (see the module docstring).
+
+    With `progress`, the sums are saved after every pass and a saved state of the same run is resumed from.
+    """
     from ffnfusion.analysis.run import Measurements
 
     device = loader.device
     runner = SubBlockRunner(loader.model, tick, device=device)
     n = runner.num_layers
-    stats = torch.zeros(n, 3, 2, dtype=torch.float64, device=device)
-    ffn_sums = torch.zeros(n, n, dtype=torch.float64, device=device)
-    block_sums = torch.zeros(n, n, dtype=torch.float64, device=device)
-    kl_sums = torch.zeros(n, dtype=torch.float64, device=device)
-    ce_sums = torch.zeros(n, dtype=torch.float64, device=device)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = {
+        "stats": torch.zeros(n, 3, 2, dtype=torch.float64, device=device),
+        "ffn": torch.zeros(n, n, dtype=torch.float64, device=device),
+        "block": torch.zeros(n, n, dtype=torch.float64, device=device),
+        "kl": torch.zeros(n, dtype=torch.float64, device=device),
+        "ce": torch.zeros(n, dtype=torch.float64, device=device),
+        "totals": torch.zeros(3, dtype=torch.float64, device=device),
+    }
     candidates = [i for i in range(n) if i not in removed]
     store = ActivationStore(device, device if plan.activations == "device" else torch.device("cpu"))
-    batches = 0
+    batches, done = 0, 0
+    saved = progress.load() if progress else None
+    if saved is not None:
+        sums = {k: v.to(device) for k, v in saved["sums"].items()}
+        runner.counter.sub_blocks, runner.counter.lm_heads = saved["sub_blocks"], saved["lm_heads"]
+        batches, done = saved["batches"], saved["passes"]
+        if log:
+            log(f"resuming the streamed analysis after pass {done} of {plan.passes}")
+        if tick is not None:
+            tick(sum(runner.counter.sub_blocks.values()))
     try:
-        for first in range(0, tokens.shape[0], plan.samples_per_pass):
+        for index, first in enumerate(range(0, tokens.shape[0], plan.samples_per_pass)):
+            if index < done:
+                continue
             chunk = list(_batches(tokens[first : first + plan.samples_per_pass], batch_size))
             batches += len(chunk)
             loader.read_ahead(0)
@@ -272,15 +312,27 @@ def measure_streamed(
             for j in range(n):
                 loader.load_layer(j)
                 for b in range(len(chunk)):
-                    _advance(runner, store, b, j, pe, removed, candidates, stats, ffn_sums, block_sums)
+                    _advance(runner, store, b, j, pe, removed, candidates, sums)
                 loader.release_layer(j)
             loader.load_head()
             for b, ids in enumerate(chunk):
-                _finish(runner, store, b, ids.to(device), removed, candidates, kl_sums, ce_sums, totals)
+                _finish(runner, store, b, ids.to(device), removed, candidates, sums)
             loader.release()
             store.clear()
+            if progress is not None and index + 1 < plan.passes:
+                progress.save(
+                    {
+                        "sums": {k: v.cpu() for k, v in sums.items()},
+                        "sub_blocks": dict(runner.counter.sub_blocks),
+                        "lm_heads": dict(runner.counter.lm_heads),
+                        "batches": batches,
+                        "passes": index + 1,
+                    }
+                )
     finally:
         loader.close()
+    stats, ffn_sums, block_sums = sums["stats"], sums["ffn"], sums["block"]
+    kl_sums, ce_sums, totals = sums["kl"], sums["ce"], sums["totals"]
     count = tokens.numel()
     return Measurements(
         stats=(stats / count).cpu(),
@@ -300,12 +352,11 @@ def _advance(
     pe: Any,
     removed: set[int],
     candidates: list[int],
-    stats: torch.Tensor,
-    ffn_sums: torch.Tensor,
-    block_sums: torch.Tensor,
+    sums: dict[str, torch.Tensor],
 ) -> None:
     """Push batch b's runs through layer j, measure them against the base run, and start the runs layer j begins."""
     n = runner.num_layers
+    stats, ffn_sums, block_sums = sums["stats"], sums["ffn"], sums["block"]
     runner.part = "baseline"
     x = store.take(("base", b))
     a = None if j in removed else runner.attention(j, x, pe)
@@ -359,11 +410,10 @@ def _finish(
     ids: torch.Tensor,
     removed: set[int],
     candidates: list[int],
-    kl_sums: torch.Tensor,
-    ce_sums: torch.Tensor,
-    totals: torch.Tensor,
+    sums: dict[str, torch.Tensor],
 ) -> None:
     """Batch b's teacher distribution, the base model's loss and KL, and every attention candidate's."""
+    kl_sums, ce_sums, totals = sums["kl"], sums["ce"], sums["totals"]
     targets = next_token_targets(ids)
     base_out = store.take(("base", b))
     if removed:
