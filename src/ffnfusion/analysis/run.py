@@ -490,6 +490,11 @@ def _measure_streamed(
     from ffnfusion.analysis.streamed import LayerLoader, PassProgress, measure_streamed, plan_streaming
 
     num_layers = len(decilm_config["block_configs"])
+    if source.gguf_file:
+        say(
+            "note: a .gguf is dequantised whole into host memory before streaming; a safetensors folder is read "
+            "one tensor at a time"
+        )
     get = source.tensor_getter(pin_memory=dev.type == "cuda")
     loader = LayerLoader(decilm_config, get, torch_dtype, dev)
     with tempfile.TemporaryDirectory(prefix="ffnfusion-offload-") as offload:
