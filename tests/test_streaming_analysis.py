@@ -194,3 +194,37 @@ def test_a_killed_multi_pass_run_resumes_at_the_next_pass(
     assert any("resuming the streamed analysis after pass 2 of 3" in m for m in messages)
     assert resumed.analysis == whole.analysis
     assert not progress.exists(), "the saved sums go once the analysis is written"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_two_processes_split_the_batches_and_agree_with_one(
+    models: dict[str, Path], tmp_path: Path, stream: bool
+) -> None:
+    """torchrun with 2 CPU processes (gloo): each measures every other batch; the summed analysis is the same."""
+    import os
+    import subprocess
+    import sys
+
+    options = ["--samples", "7", "--seq-len", "20", "--device", "cpu", "--dtype", "float32", "--batch-size", "2"]
+    options += ["--data", str(models["text"]), "--remove-attention", "3"] + (["--stream"] if stream else [])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "ffnfusion.cli", "analyze", str(models["qwen3"]), "--out", str(tmp_path / "dp"), *options]
+    proc = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "data parallel: 2 processes" in proc.stderr
+    assert proc.stdout.count("cost:") == 1, "only the first process reports"
+    single = _analyze(
+        models, "qwen3", tmp_path / "single", samples=7, seq_len=20, batch_size=2, remove_attention="3", stream=stream
+    )
+    both = json.loads((tmp_path / "dp" / "analysis.json").read_text())
+    one = single.analysis.model_dump(mode="json")
+    assert json.loads((tmp_path / "dp" / "run.json").read_text())["processes"] == 2
+    # The same batches, only the final additions differ in order: equal to float64 rounding.
+    for key in ("ffn_dependency", "block_dependency"):
+        pairs = [(a, b) for ra, rb in zip(both[key], one[key]) for a, b in zip(ra, rb) if a is not None]
+        assert max(abs(a - b) / max(abs(b), 1e-30) for a, b in pairs) < 1e-12
+    for a, b in zip(both["attention_importance"], one["attention_importance"]):
+        assert a["layer"] == b["layer"] and a["kl"] == pytest.approx(b["kl"], rel=1e-12, abs=1e-15)
+    assert both["base_kl"] == pytest.approx(one["base_kl"], rel=1e-12)
+    assert both["cost"] == one["cost"], "every sub-block evaluation is counted once, over both processes"
+    assert not list(tmp_path.glob(".dp*")), "no partial output or saved sums left behind"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -62,8 +63,14 @@ def analyze(
         typer.Option(help="with --stream: sequences per pass over the weights (default: as many as memory holds)"),
     ] = None,
 ) -> None:
-    """Measure sub-block statistics, attention importance (KL) and FFN/block dependency matrices; draw heatmaps."""
+    """Measure sub-block statistics, attention importance (KL) and FFN/block dependency matrices; draw heatmaps.
+
+    Under `torchrun --nproc-per-node N` the calibration batches are split over N processes (one GPU each).
+    """
     from ffnfusion.analysis import analyze as run_analyze
+
+    # Under torchrun every process runs this command; only the first one reports.
+    main_process = int(os.environ.get("RANK", "0")) == 0
 
     try:
         result = run_analyze(
@@ -85,10 +92,12 @@ def analyze(
             activations=activations,
             stream_samples=stream_samples,
             show_progress=True,
-            log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+            log=lambda msg: err_console.print(f"[dim]{msg}[/]") if main_process else None,
         )
     except USER_ERRORS as e:
         fail(e)
+    if not main_process:
+        return
     a = result.analysis
     n = a.num_layers
     shape = f"{n} layers, {a.calibration.samples} x {a.calibration.seq_len} tokens"

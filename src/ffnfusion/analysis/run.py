@@ -17,6 +17,8 @@ import torch
 
 from ffnfusion.adapters import adapter_for
 from ffnfusion.analysis.attention import attention_scores_batch, base_totals, finish_attention, teacher_for
+from ffnfusion.analysis.data_parallel import DataParallel
+from ffnfusion.analysis.data_parallel import from_environment as data_parallel_from_environment
 from ffnfusion.analysis.dependency import block_dependency_batch, ffn_dependency_batch, upper_matrix, window_scores
 from ffnfusion.analysis.heatmap import plot_attention, plot_dependency
 from ffnfusion.analysis.runner import SubBlockRunner
@@ -161,6 +163,46 @@ class Measurements:
     batches: int
 
 
+def new_sums(num_layers: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """float64 sums over calibration tokens of everything analysis.json averages."""
+    n = num_layers
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+    # stats: [L, 3 (attention, ffn, block), 2 (rel_norm, cos_distance)]; totals: original ce, base ce, base kl.
+    return {
+        "stats": zeros(n, 3, 2),
+        "ffn": zeros(n, n),
+        "block": zeros(n, n),
+        "kl": zeros(n),
+        "ce": zeros(n),
+        "totals": zeros(3),
+    }
+
+
+def finish_measurements(
+    sums: dict[str, torch.Tensor],
+    tokens: torch.Tensor,
+    candidates: list[int],
+    counter: Any,
+    batches: int,
+    dp: DataParallel | None = None,
+) -> Measurements:
+    """Token means from the sums (after adding up every process's share under data parallelism)."""
+    if dp is not None:
+        batches = dp.all_reduce(sums, counter, batches)
+    count = tokens.numel()
+    return Measurements(
+        stats=(sums["stats"] / count).cpu(),
+        ffn=upper_matrix(sums["ffn"].cpu(), count),
+        block=upper_matrix(sums["block"].cpu(), count),
+        attention=finish_attention(tokens, candidates, sums["kl"], sums["ce"], sums["totals"]),
+        counter=counter,
+        batches=batches,
+    )
+
+
 @torch.inference_mode()
 def measure(
     model: torch.nn.Module,
@@ -168,19 +210,21 @@ def measure(
     removed: set[int],
     batch_size: int,
     tick: Callable[[int], None] | None = None,
+    dp: DataParallel | None = None,
 ) -> Measurements:
-    """Everything analysis.json holds, from a DeciLM model with one plain layer per original layer."""
+    """Everything analysis.json holds, from a DeciLM model with one plain layer per original layer.
+
+    With `dp`, this process measures its share of the batches and the sums are added up over the processes.
+    """
     runner = SubBlockRunner(model, tick)
     n, device = runner.num_layers, runner.device
-    stats = torch.zeros(n, 3, 2, dtype=torch.float64, device=device)
-    ffn_sums = torch.zeros(n, n, dtype=torch.float64, device=device)
-    block_sums = torch.zeros(n, n, dtype=torch.float64, device=device)
-    kl_sums = torch.zeros(n, dtype=torch.float64, device=device)
-    ce_sums = torch.zeros(n, dtype=torch.float64, device=device)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = new_sums(n, device)
+    stats = sums["stats"]
     candidates = [i for i in range(n) if i not in removed]
     batches = 0
-    for first in range(0, tokens.shape[0], batch_size):
+    for index, first in enumerate(range(0, tokens.shape[0], batch_size)):
+        if dp is not None and not dp.mine(index):
+            continue
         batches += 1
         ids = tokens[first : first + batch_size].to(device)
         runner.part = "baseline"
@@ -192,23 +236,15 @@ def measure(
             block = prefix.ffn_out[i].float() + (0 if prefix.attn_out[i] is None else prefix.attn_out[i].float())
             stats[i, 2] += sub_block_stats_sums(block, prefix.attn_in[i])
         teacher = teacher_for(runner, ids, prefix, removed)
-        base_totals(runner, prefix.attn_in[-1], teacher, removed, totals)
+        base_totals(runner, prefix.attn_in[-1], teacher, removed, sums["totals"])
         runner.part = "ffn_dependency"
-        ffn_dependency_batch(runner, prefix, removed, ffn_sums)
+        ffn_dependency_batch(runner, prefix, removed, sums["ffn"])
         runner.part = "block_dependency"
-        block_dependency_batch(runner, prefix, removed, block_sums)
+        block_dependency_batch(runner, prefix, removed, sums["block"])
         runner.part = "attention"
-        attention_scores_batch(runner, prefix, removed, candidates, teacher, kl_sums, ce_sums)
+        attention_scores_batch(runner, prefix, removed, candidates, teacher, sums["kl"], sums["ce"])
         del prefix, teacher
-    count = tokens.numel()
-    return Measurements(
-        stats=(stats / count).cpu(),
-        ffn=upper_matrix(ffn_sums.cpu(), count),
-        block=upper_matrix(block_sums.cpu(), count),
-        attention=finish_attention(tokens, candidates, kl_sums, ce_sums, totals),
-        counter=runner.counter,
-        batches=batches,
-    )
+    return finish_measurements(sums, tokens, candidates, runner.counter, batches, dp)
 
 
 def _cost(m: Measurements, num_layers: int, removed: set[int]) -> Cost:
@@ -367,11 +403,16 @@ def analyze(
     if plan is not None:
         removed |= set(Plan.load(plan).remove_attention)
     validate_plan(Plan(remove_attention=sorted(removed)), num_layers)
-    dev = resolve_device(device)
+    dp = data_parallel_from_environment()
+    # Under torchrun / accelerate launch every process takes its own GPU.
+    dev = dp.device if dp is not None and device in (None, "auto", "cuda") else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     batch_size = batch_size or (16 if dev.type == "cuda" else 8)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1 (got {batch_size}).")
+    show_progress = show_progress and (dp is None or dp.is_main)
+    if dp is not None:
+        say(f"data parallel: {dp.world} processes, process k measures batches k, k + {dp.world}, ... (this: {dp.rank})")
     if activations not in ("auto", "device", "cpu"):
         raise ValueError(f"--activations {activations}: use auto, device or cpu.")
     if not stream and (activations != "auto" or stream_samples is not None):
@@ -385,12 +426,26 @@ def analyze(
     identity_key = config_hash(decilm_config)
     per_batch = planned_evals(num_layers, removed)
     batches = -(-samples // batch_size)
+    if dp is not None:
+        batches = sum(dp.mine(b) for b in range(batches))
 
     def calibrate(model_or_loader: Any) -> torch.Tensor:
         say(f"calibration data: {data} ({samples} x {seq_len} tokens, seed {seed})")
-        return calibration_tokens(
-            data, tokenizer, samples, seq_len, seed, model_or_loader, model_key=identity_key, text_field=text_field
-        )
+
+        def tokens() -> torch.Tensor:
+            return calibration_tokens(
+                data, tokenizer, samples, seq_len, seed, model_or_loader, model_key=identity_key, text_field=text_field
+            )
+
+        if dp is None or data != "self":
+            return tokens()
+        # The main process samples the text and caches it; the others then read the cache.
+        if dp.is_main:
+            result = tokens()
+            dp.barrier()
+            return result
+        dp.barrier()
+        return tokens()
 
     if stream:
         m, identity, tokens, measure_seconds = _measure_streamed(
@@ -407,6 +462,7 @@ def analyze(
             stream_samples=stream_samples,
             show_progress=show_progress,
             say=say,
+            dp=dp,
         )
     else:
         say(f"loading {model} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
@@ -419,7 +475,7 @@ def analyze(
         identity = model_identity(model, decilm_config, model_fingerprint(decilm))
         measure_started = time.perf_counter()
         with _progress(show_progress, sum(per_batch.values()) * batches, "analyzing") as tick:
-            m = measure(decilm, tokens, removed, batch_size, tick)
+            m = measure(decilm, tokens, removed, batch_size, tick, dp)
         del decilm
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -441,6 +497,10 @@ def analyze(
     )
     analysis = build_analysis(identity, calibration, settings, m)
     seconds = time.perf_counter() - started
+    if dp is not None and not dp.is_main:
+        dp.barrier()  # the main process writes the output
+        stream_progress_path(out, dp).unlink(missing_ok=True)
+        return AnalyzeResult(analysis, out, seconds, measure_seconds, device_name(dev))
     with atomic_output_dir(out, overwrite) as tmp:
         analysis.save(tmp / "analysis.json")
         write_figures(analysis, tmp)
@@ -453,16 +513,20 @@ def analyze(
             "threads": torch.get_num_threads(),
             "host": platform.node(),
             "pid": os.getpid(),
+            "processes": dp.world if dp is not None else 1,
         }
         (tmp / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
-    stream_progress_path(out).unlink(missing_ok=True)
+    if dp is not None:
+        dp.barrier()
+    stream_progress_path(out, dp).unlink(missing_ok=True)
     return AnalyzeResult(analysis, out, seconds, measure_seconds, device_name(dev))
 
 
-def stream_progress_path(out: Path) -> Path:
+def stream_progress_path(out: Path, dp: DataParallel | None = None) -> Path:
     """Where a streamed analysis keeps its sums between passes (beside `out`, removed once `out` is written)."""
     out = Path(out).resolve()
-    return out.parent / f".{out.name}.stream-progress.pt"
+    rank = f".rank{dp.rank}" if dp is not None else ""
+    return out.parent / f".{out.name}.stream-progress{rank}.pt"
 
 
 def _measure_streamed(
@@ -479,6 +543,7 @@ def _measure_streamed(
     stream_samples: int | None,
     show_progress: bool,
     say: Callable[[str], None],
+    dp: DataParallel | None = None,
 ) -> tuple[Measurements, ModelIdentity, torch.Tensor, float]:
     """The streamed counterpart of load + calibrate + measure: no step holds more than one layer on the device.
 
@@ -506,7 +571,8 @@ def _measure_streamed(
             return load_model(source, torch_dtype, offload_folder=offload)
 
         tokens = calibrate(generator)
-    samples, seq_len = tokens.shape
+    seq_len = tokens.shape[1]
+    samples = dp.my_tokens(tokens, batch_size).shape[0] if dp is not None else tokens.shape[0]
     stream_plan = plan_streaming(loader, samples, seq_len, batch_size, removed, activations, stream_samples)
     fingerprint = weights_fingerprint(get(name).to(torch_dtype) for name in fingerprint_names(num_layers))
     identity = model_identity(spec, decilm_config, fingerprint)
@@ -525,12 +591,13 @@ def _measure_streamed(
         "device": dev.type,
         "batch_size": batch_size,
         "samples_per_pass": stream_plan.samples_per_pass,
+        "process": [dp.rank, dp.world] if dp is not None else None,
     }
     key = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
-    progress = PassProgress(stream_progress_path(out), key)
+    progress = PassProgress(stream_progress_path(out, dp), key)
     progress.path.parent.mkdir(parents=True, exist_ok=True)
     with _progress(show_progress, total, "analyzing (streamed)") as tick:
-        m = measure_streamed(loader, tokens, removed, batch_size, stream_plan, tick, progress, say)
+        m = measure_streamed(loader, tokens, removed, batch_size, stream_plan, tick, progress, say, dp)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return m, identity, tokens, time.perf_counter() - started

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from ffnfusion.analysis.attention import base_totals, finish_attention
-from ffnfusion.analysis.dependency import block_contribution, upper_matrix
+from ffnfusion.analysis.attention import base_totals
+from ffnfusion.analysis.data_parallel import DataParallel
+from ffnfusion.analysis.dependency import block_contribution
 from ffnfusion.analysis.runner import SubBlockRunner, next_token_targets
 from ffnfusion.analysis.stats import cos_distance_sum, sub_block_stats_sums
 from ffnfusion.plan import Plan, plan_blocks
@@ -264,24 +265,23 @@ def measure_streamed(
     tick: Callable[[int], None] | None = None,
     progress: PassProgress | None = None,
     log: Callable[[str], None] | None = None,
+    dp: DataParallel | None = None,
 ) -> Any:
     """`measure`'s Measurements, loading one layer at a time (see the module docstring).
 
-    With `progress`, the sums are saved after every pass and a saved state of the same run is resumed from.
+    With `progress`, the sums are saved after every pass and a saved state of the same run is resumed from. With
+    `dp`, this process streams its share of the batches and the sums are added up over the processes.
     """
-    from ffnfusion.analysis.run import Measurements
+    from ffnfusion.analysis.run import finish_measurements, new_sums
 
+    all_tokens = tokens
+    if dp is not None:
+        tokens = dp.my_tokens(tokens, batch_size)
+    passes = math.ceil(tokens.shape[0] / plan.samples_per_pass)
     device = loader.device
     runner = SubBlockRunner(loader.model, tick, device=device)
     n = runner.num_layers
-    sums = {
-        "stats": torch.zeros(n, 3, 2, dtype=torch.float64, device=device),
-        "ffn": torch.zeros(n, n, dtype=torch.float64, device=device),
-        "block": torch.zeros(n, n, dtype=torch.float64, device=device),
-        "kl": torch.zeros(n, dtype=torch.float64, device=device),
-        "ce": torch.zeros(n, dtype=torch.float64, device=device),
-        "totals": torch.zeros(3, dtype=torch.float64, device=device),
-    }
+    sums = new_sums(n, device)
     candidates = [i for i in range(n) if i not in removed]
     store = ActivationStore(device, device if plan.activations == "device" else torch.device("cpu"))
     batches, done = 0, 0
@@ -291,7 +291,7 @@ def measure_streamed(
         runner.counter.sub_blocks, runner.counter.lm_heads = saved["sub_blocks"], saved["lm_heads"]
         batches, done = saved["batches"], saved["passes"]
         if log:
-            log(f"resuming the streamed analysis after pass {done} of {plan.passes}")
+            log(f"resuming the streamed analysis after pass {done} of {passes}")
         if tick is not None:
             tick(sum(runner.counter.sub_blocks.values()))
     try:
@@ -319,7 +319,7 @@ def measure_streamed(
                 _finish(runner, store, b, ids.to(device), removed, candidates, sums)
             loader.release()
             store.clear()
-            if progress is not None and index + 1 < plan.passes:
+            if progress is not None and index + 1 < passes:
                 progress.save(
                     {
                         "sums": {k: v.cpu() for k, v in sums.items()},
@@ -331,17 +331,7 @@ def measure_streamed(
                 )
     finally:
         loader.close()
-    stats, ffn_sums, block_sums = sums["stats"], sums["ffn"], sums["block"]
-    kl_sums, ce_sums, totals = sums["kl"], sums["ce"], sums["totals"]
-    count = tokens.numel()
-    return Measurements(
-        stats=(stats / count).cpu(),
-        ffn=upper_matrix(ffn_sums.cpu(), count),
-        block=upper_matrix(block_sums.cpu(), count),
-        attention=finish_attention(tokens, candidates, kl_sums, ce_sums, totals),
-        counter=runner.counter,
-        batches=batches,
-    )
+    return finish_measurements(sums, all_tokens, candidates, runner.counter, batches, dp)
 
 
 def _advance(
