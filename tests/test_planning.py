@@ -248,3 +248,17 @@ def test_iterative_kl_is_the_measured_kl_of_the_plan(analysed: Path, tmp_path: P
         student = F.log_softmax(fuse_model(model, Plan(remove_attention=plan.remove_attention))(tokens).logits, -1)
     want = F.kl_div(student, teacher, log_target=True, reduction="sum").item() / tokens.numel()
     assert plan.info["predicted_kl"] == pytest.approx(want, rel=1e-3, abs=1e-6)
+
+
+def test_streamed_iterative_rescoring_equals_in_memory(analysed: Path, tmp_path: Path) -> None:
+    a = load_analysis(analysed / "analysis")
+    in_memory = iterative_rescorer(a, device="cpu")
+    streamed = iterative_rescorer(a, device="cpu", stream=True)
+    for removed in (set(), {2}, {1, 4}):
+        assert streamed(removed) == in_memory(removed)
+    args = ["plan", str(analysed / "analysis"), "--out", str(tmp_path / "p.json"), "--remove-attention", "2"]
+    result = CliRunner().invoke(app, [*args, "--stream"])
+    assert result.exit_code == 2 and "--stream applies to --iterative" in result.output
+    result = CliRunner().invoke(app, [*args, "--iterative", "--stream"])
+    assert result.exit_code == 0, result.output
+    assert "streaming" in result.output

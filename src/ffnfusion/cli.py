@@ -174,6 +174,9 @@ def plan_(
     device: Annotated[str | None, typer.Option(help="--iterative: cpu or cuda (default: the analysis')")] = None,
     dtype: Annotated[str | None, typer.Option(help="--iterative: dtype (default: the analysis')")] = None,
     batch_size: Annotated[int | None, typer.Option(help="--iterative: sequences per batch")] = None,
+    stream: Annotated[
+        bool, typer.Option(help="--iterative: load one layer at a time onto the device (models larger than it)")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """Choose what to remove, fuse and parallelize under a budget; predict depth and latency; write plan.json."""
@@ -181,6 +184,8 @@ def plan_(
     from ffnfusion.planning import CostModel, check_model, iterative_rescorer, search_plan, write_plan
 
     try:
+        if stream and not iterative:
+            raise ValueError("--stream applies to --iterative re-scoring (plan reads no weights otherwise).")
         a = load_analysis(analysis)
         if model is not None and not iterative:
             check_model(a, model)
@@ -197,6 +202,7 @@ def plan_(
                 dtype=dtype,
                 batch_size=batch_size,
                 log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+                stream=stream,
             )
         result = search_plan(
             a,

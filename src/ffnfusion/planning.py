@@ -405,6 +405,44 @@ def check_model(analysis: Analysis, model: str) -> None:
     check_same_model(analysis, identity)
 
 
+def _streamed_rescorer(
+    analysis: Analysis,
+    spec: str,
+    source: Any,
+    decilm_config: dict[str, Any],
+    calibrate: Callable[[Any], Any],
+    dev: Any,
+    torch_dtype: Any,
+    batch_size: int,
+    say: Callable[[str], None],
+) -> Rescorer:
+    """`iterative_rescorer` with one layer on the device at a time (each re-scoring is one pass over the weights)."""
+    import tempfile
+
+    from ffnfusion.analysis.run import fingerprint_names, model_identity, weights_fingerprint
+    from ffnfusion.analysis.schema import check_same_model
+    from ffnfusion.analysis.streamed import LayerLoader, measure_streamed, plan_streaming
+    from ffnfusion.source import load_model
+
+    get = source.tensor_getter(pin_memory=dev.type == "cuda")
+    num_layers = len(decilm_config["block_configs"])
+    fingerprint = weights_fingerprint(get(name).to(torch_dtype) for name in fingerprint_names(num_layers))
+    check_same_model(analysis, model_identity(spec, decilm_config, fingerprint), compare_weights=True)
+    with tempfile.TemporaryDirectory(prefix="ffnfusion-offload-") as offload:
+        tokens = calibrate(lambda: load_model(source, torch_dtype, offload_folder=offload))
+    say(f"iterative mode: streaming {spec} one layer at a time ({str(torch_dtype).removeprefix('torch.')}, {dev})")
+
+    def rescore(removed: set[int]) -> dict[int, float]:
+        say(f"re-scoring {analysis.num_layers - len(removed)} attention sub-blocks with {sorted(removed)} removed")
+        loader = LayerLoader(decilm_config, get, torch_dtype, dev)
+        samples, seq_len = tokens.shape
+        plan = plan_streaming(loader, samples, seq_len, batch_size, set(removed), matrices=False)
+        m = measure_streamed(loader, tokens, set(removed), batch_size, plan, matrices=False)
+        return {i: kl for i, (kl, _ce) in m.attention.scores.items()}
+
+    return rescore
+
+
 def iterative_rescorer(
     analysis: Analysis,
     model: str | None = None,
@@ -415,8 +453,11 @@ def iterative_rescorer(
     dtype: str | None = None,
     batch_size: int | None = None,
     log: Callable[[str], None] | None = None,
+    stream: bool = False,
 ) -> Rescorer:
     """A Rescorer that re-measures attention KL on the model itself (the model and data of the analysis by default).
+
+    stream=True loads one layer at a time onto the device, as `analyze --stream` does, for models that do not fit.
 
     Each call costs about (L+1)/2 full forward passes over the calibration tokens plus one per batch, so N removals
     cost about N times the attention part of `analyze`; fewer --samples make it proportionally cheaper.
@@ -441,26 +482,32 @@ def iterative_rescorer(
     cal = analysis.calibration
     dev = resolve_device(device or analysis.settings.device)
     torch_dtype = resolve_dtype(dtype or analysis.settings.dtype, dev)
-    say(f"iterative mode: loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
-    hf_model = load_model(source, torch_dtype, dev)
     tokenizer = source.tokenizer()
     if tokenizer is None:
         raise ModelSourceError(f"{spec} has no tokenizer; iterative re-scoring needs one.")
-    tokens = calibration_tokens(
-        data or cal.data,
-        tokenizer,
-        samples or cal.samples,
-        seq_len or cal.seq_len,
-        cal.seed,
-        model=hf_model,
-        model_key=analysis.model.config_hash,
-        text_field=cal.text_field,
-    )
+    size = batch_size or analysis.settings.batch_size
+
+    def calibrate(model_or_loader: Any) -> torch.Tensor:
+        return calibration_tokens(
+            data or cal.data,
+            tokenizer,
+            samples or cal.samples,
+            seq_len or cal.seq_len,
+            cal.seed,
+            model=model_or_loader,
+            model_key=analysis.model.config_hash,
+            text_field=cal.text_field,
+        )
+
+    if stream:
+        return _streamed_rescorer(analysis, spec, source, decilm_config, calibrate, dev, torch_dtype, size, say)
+    say(f"iterative mode: loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
+    hf_model = load_model(source, torch_dtype, dev)
+    tokens = calibrate(hf_model)
     decilm = fuse_model(hf_model, Plan())
     del hf_model
     check_same_model(analysis, model_identity(spec, decilm_config, model_fingerprint(decilm)), compare_weights=True)
     runner = SubBlockRunner(decilm)
-    size = batch_size or analysis.settings.batch_size
 
     def rescore(removed: set[int]) -> dict[int, float]:
         say(f"re-scoring {analysis.num_layers - len(removed)} attention sub-blocks with {sorted(removed)} removed")

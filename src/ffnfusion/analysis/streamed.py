@@ -164,9 +164,10 @@ class StreamPlan:
         )
 
 
-def streams_per_sequence(num_layers: int, removed: set[int]) -> int:
+def streams_per_sequence(num_layers: int, removed: set[int], matrices: bool = True) -> int:
     """Residual streams kept per calibration sequence: base, teacher, each matrix row, each attention candidate."""
-    return 1 + bool(removed) + 2 * (num_layers - 1) + sum(1 for i in range(num_layers) if i not in removed)
+    rows = 2 * (num_layers - 1) if matrices else 0
+    return 1 + bool(removed) + rows + sum(1 for i in range(num_layers) if i not in removed)
 
 
 def host_available_bytes() -> int:
@@ -189,12 +190,14 @@ def plan_streaming(
     removed: set[int],
     activations: str = "auto",
     samples_per_pass: int | None = None,
+    matrices: bool = True,
 ) -> StreamPlan:
     """Choose where the activations live and the pass size: the fewest passes that fit, on the device if possible."""
     if activations not in ("auto", "device", "cpu"):
         raise ValueError(f"--activations {activations}: use auto, device or cpu.")
     hidden = loader.config["hidden_size"]
-    per_sequence = streams_per_sequence(loader.num_layers, removed) * seq_len * hidden * loader.dtype.itemsize
+    streams = streams_per_sequence(loader.num_layers, removed, matrices)
+    per_sequence = streams * seq_len * hidden * loader.dtype.itemsize
     largest = max(loader.layer_bytes(j) for j in range(loader.num_layers))
     compute = loader.device
     if compute.type == "cuda":
@@ -266,11 +269,13 @@ def measure_streamed(
     progress: PassProgress | None = None,
     log: Callable[[str], None] | None = None,
     dp: DataParallel | None = None,
+    matrices: bool = True,
 ) -> Any:
     """`measure`'s Measurements, loading one layer at a time (see the module docstring).
 
     With `progress`, the sums are saved after every pass and a saved state of the same run is resumed from. With
-    `dp`, this process streams its share of the batches and the sums are added up over the processes.
+    `dp`, this process streams its share of the batches and the sums are added up over the processes. With
+    matrices=False only the statistics and attention scores are measured (what iterative planning re-scores).
     """
     from ffnfusion.analysis.run import finish_measurements, new_sums
 
@@ -312,7 +317,7 @@ def measure_streamed(
             for j in range(n):
                 loader.load_layer(j)
                 for b in range(len(chunk)):
-                    _advance(runner, store, b, j, pe, removed, candidates, sums)
+                    _advance(runner, store, b, j, pe, removed, candidates, sums, matrices)
                 loader.release_layer(j)
             loader.load_head()
             for b, ids in enumerate(chunk):
@@ -343,6 +348,7 @@ def _advance(
     removed: set[int],
     candidates: list[int],
     sums: dict[str, torch.Tensor],
+    matrices: bool = True,
 ) -> None:
     """Push batch b's runs through layer j, measure them against the base run, and start the runs layer j begins."""
     n = runner.num_layers
@@ -366,15 +372,16 @@ def _advance(
     def step(key: Any, on_layer: Callable[[int, torch.Tensor | None, torch.Tensor], None] | None = None) -> None:
         store.put(key, runner.run_layers(store.take(key), pe, [j], removed, on_layer))
 
+    rows = range(j) if matrices else range(0)
     runner.part = "ffn_dependency"
-    for i in range(j):
+    for i in rows:
 
         def ffn_row(_j: int, _a: torch.Tensor | None, ffn: torch.Tensor, i: int = i) -> None:
             ffn_sums[i, j] += cos_distance_sum(f, ffn)
 
         step(("ffn", b, i), ffn_row)
     runner.part = "block_dependency"
-    for i in range(j):
+    for i in rows:
 
         def block_row(_j: int, attention: torch.Tensor | None, ffn: torch.Tensor, i: int = i) -> None:
             block_sums[i, j] += cos_distance_sum(base_block, block_contribution(attention, ffn))
@@ -386,7 +393,7 @@ def _advance(
             step(("attention", b, i))
 
     # Runs that start here: row j of each matrix (layer j's FFN or whole layer removed) and attention j removed.
-    if j < n - 1:
+    if matrices and j < n - 1:
         store.put(("ffn", b, j), h)
         store.put(("block", b, j), x)
     if j not in removed:
