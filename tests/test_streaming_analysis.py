@@ -98,11 +98,12 @@ def test_pass_size_follows_the_memory_budget(models: dict[str, Path], monkeypatc
     assert streams_per_sequence(6, {2}) == 1 + 1 + 10 + 5
     layer = loader.layer_bytes(0)
     assert layer == (4 * 48 * 12 + 48 * 48 * 2 + 3 * 48 * 80 + 2 * 48) * 4  # q,o + k,v (2 kv heads) + FFN + norms
-    monkeypatch.setattr(streamed, "host_available_bytes", lambda: 2 * layer + 10 * per_sequence + 100)
+    # On a CPU the activations may take half the available host memory.
+    monkeypatch.setattr(streamed, "host_available_bytes", lambda: 2 * (10 * per_sequence + 100))
     plan = plan_streaming(loader, 64, 20, 4, {2})
     assert (plan.samples_per_pass, plan.passes) == (8, 8)  # 10 sequences fit; rounded down to whole batches
     assert plan.activation_bytes == 8 * per_sequence
-    monkeypatch.setattr(streamed, "host_available_bytes", lambda: 2 * layer)
+    monkeypatch.setattr(streamed, "host_available_bytes", lambda: per_sequence)
     assert plan_streaming(loader, 64, 20, 4, {2}).samples_per_pass == 4  # never less than one batch
     assert plan_streaming(loader, 5, 20, 4, {2}, samples_per_pass=100).passes == 1
     with pytest.raises(ValueError, match="not a multiple of --batch-size 4"):

@@ -461,6 +461,7 @@ def analyze(
             activations=activations,
             stream_samples=stream_samples,
             show_progress=show_progress,
+            progress_total=sum(per_batch.values()) * batches,
             say=say,
             dp=dp,
         )
@@ -542,6 +543,7 @@ def _measure_streamed(
     activations: str,
     stream_samples: int | None,
     show_progress: bool,
+    progress_total: int,
     say: Callable[[str], None],
     dp: DataParallel | None = None,
 ) -> tuple[Measurements, ModelIdentity, torch.Tensor, float]:
@@ -577,10 +579,6 @@ def _measure_streamed(
     fingerprint = weights_fingerprint(get(name).to(torch_dtype) for name in fingerprint_names(num_layers))
     identity = model_identity(spec, decilm_config, fingerprint)
     say(stream_plan.describe())
-    per_pass = planned_evals(num_layers, removed)
-    total = sum(per_pass.values()) * -(-samples // batch_size)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     started = time.perf_counter()
     run_key = {
         "model": identity.config_hash,
@@ -596,7 +594,7 @@ def _measure_streamed(
     key = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
     progress = PassProgress(stream_progress_path(out, dp), key)
     progress.path.parent.mkdir(parents=True, exist_ok=True)
-    with _progress(show_progress, total, "analyzing (streamed)") as tick:
+    with _progress(show_progress, progress_total, "analyzing (streamed)") as tick:
         m = measure_streamed(loader, tokens, removed, batch_size, stream_plan, tick, progress, say, dp)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

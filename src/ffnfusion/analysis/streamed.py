@@ -39,8 +39,8 @@ _HOST_SHARE = 0.5
 class LayerLoader:
     """One DeciLM module at a time, materialised on `device` in `dtype` from the original checkpoint's tensors.
 
-    The model object is a skeleton on the meta device; `load` fills a module's parameters and `release` returns
-    them to meta, so at most one layer (plus the one being read ahead on the host) holds real memory.
+    The model object is a skeleton on the meta device; `load_layer` fills a layer's parameters and `release_layer`
+    returns them to meta, so at most one layer (plus the one being read ahead on the host) holds real memory.
     """
 
     def __init__(self, decilm_config: dict[str, Any], get: TensorGetter, dtype: torch.dtype, device: torch.device):
@@ -199,18 +199,15 @@ def plan_streaming(
     streams = streams_per_sequence(loader.num_layers, removed, matrices)
     per_sequence = streams * seq_len * hidden * loader.dtype.itemsize
     largest = max(loader.layer_bytes(j) for j in range(loader.num_layers))
-    compute = loader.device
-    if compute.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(compute)
-        device_budget = int(free * (1 - _DEVICE_RESERVE)) - 2 * largest
-    else:
-        device_budget = host_available_bytes() - 2 * largest
     host_budget = int(host_available_bytes() * _HOST_SHARE)
-    if activations == "auto":
-        fits = per_sequence * samples <= device_budget
-        activations = "device" if compute.type == "cpu" or fits else "cpu"
-    where = "device" if activations == "device" or compute.type == "cpu" else "cpu"
-    budget = device_budget if where == "device" else host_budget
+    if loader.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(loader.device)
+        device_budget = int(free * (1 - _DEVICE_RESERVE)) - 2 * largest
+        if activations == "auto":
+            activations = "device" if per_sequence * samples <= device_budget else "cpu"
+        budget = device_budget if activations == "device" else host_budget
+    else:  # computing on the CPU: the device is the host
+        activations, budget = "device", host_budget
     if samples_per_pass is None:
         fit = max(batch_size, (budget // per_sequence) // batch_size * batch_size)
         samples_per_pass = min(samples, fit)
@@ -223,7 +220,7 @@ def plan_streaming(
         )
     samples_per_pass = min(samples_per_pass, samples)
     return StreamPlan(
-        activations="cpu" if compute.type == "cuda" and where == "cpu" else "device",
+        activations=activations,
         samples_per_pass=samples_per_pass,
         passes=math.ceil(samples / samples_per_pass),
         activation_bytes=per_sequence * samples_per_pass,
