@@ -229,3 +229,28 @@ def test_two_processes_split_the_batches_and_agree_with_one(
     assert both["base_kl"] == pytest.approx(one["base_kl"], rel=1e-12)
     assert both["cost"] == one["cost"], "every sub-block evaluation is counted once, over both processes"
     assert not list(tmp_path.glob(".dp*")), "no partial output or saved sums left behind"
+
+
+def test_self_generated_calibration_text_with_streaming(
+    models: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """--data self samples text through an accelerate-dispatched model; the same text as the in-memory path."""
+    import ffnfusion.source as source
+
+    loads: list[dict] = []
+    real = source.AutoModelForCausalLM.from_pretrained
+
+    def counting(*args, **kwargs):
+        loads.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(source.AutoModelForCausalLM, "from_pretrained", counting)
+    monkeypatch.setenv("FFNFUSION_CACHE", str(tmp_path / "cache-streamed"))
+    streamed = _analyze(models, "llama", tmp_path / "s", data="self", samples=4, seq_len=16, stream=True)
+    assert [kw.get("device_map") for kw in loads] == ["auto"], "the only whole-model load is the dispatched one"
+    monkeypatch.setenv("FFNFUSION_CACHE", str(tmp_path / "cache-memory"))
+    memory = _analyze(models, "llama", tmp_path / "m", data="self", samples=4, seq_len=16)
+    assert streamed.analysis == memory.analysis
+    loads.clear()
+    _analyze(models, "llama", tmp_path / "again", data="self", samples=4, seq_len=16, stream=True)
+    assert loads == [], "cached text: no model is loaded at all"

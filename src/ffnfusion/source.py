@@ -158,17 +158,11 @@ def load_model(
         verify_fused_checkpoint(source.folder)
     else:
         adapter_for(source.config())
-    if offload_folder is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.folder,
-            dtype=parse_dtype(dtype),
-            device_map="auto",
-            offload_folder=str(offload_folder),
-            **source.load_kwargs,
-        )
-        return model.eval()
-    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=parse_dtype(dtype), **source.load_kwargs)
-    return model.to(device).eval()
+    placement = {"device_map": "auto", "offload_folder": str(offload_folder)} if offload_folder is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        source.folder, dtype=parse_dtype(dtype), **placement, **source.load_kwargs
+    )
+    return (model if placement else model.to(device)).eval()
 
 
 def export_transformers_folder(model: str | Path, folder: str | Path) -> Path:
