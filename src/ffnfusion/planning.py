@@ -417,19 +417,16 @@ def _streamed_rescorer(
     say: Callable[[str], None],
 ) -> Rescorer:
     """`iterative_rescorer` with one layer on the device at a time (each re-scoring is one pass over the weights)."""
-    import tempfile
-
-    from ffnfusion.analysis.run import fingerprint_names, model_identity, weights_fingerprint
+    from ffnfusion.analysis.run import getter_fingerprint, model_identity
     from ffnfusion.analysis.schema import check_same_model
     from ffnfusion.analysis.streamed import LayerLoader, measure_streamed, plan_streaming
-    from ffnfusion.source import load_model
+    from ffnfusion.source import dispatched_loader
 
     get = source.tensor_getter(pin_memory=dev.type == "cuda")
-    num_layers = len(decilm_config["block_configs"])
-    fingerprint = weights_fingerprint(get(name).to(torch_dtype) for name in fingerprint_names(num_layers))
+    fingerprint = getter_fingerprint(get, len(decilm_config["block_configs"]), torch_dtype)
     check_same_model(analysis, model_identity(spec, decilm_config, fingerprint), compare_weights=True)
-    with tempfile.TemporaryDirectory(prefix="ffnfusion-offload-") as offload:
-        tokens = calibrate(lambda: load_model(source, torch_dtype, offload_folder=offload))
+    with dispatched_loader(source, torch_dtype, say) as load:
+        tokens = calibrate(load)
     say(f"iterative mode: streaming {spec} one layer at a time ({str(torch_dtype).removeprefix('torch.')}, {dev})")
 
     def rescore(removed: set[int]) -> dict[int, float]:

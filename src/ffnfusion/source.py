@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,25 @@ def load_model(
         source.folder, dtype=parse_dtype(dtype), **placement, **source.load_kwargs
     )
     return (model if placement else model.to(device)).eval()
+
+
+@contextmanager
+def dispatched_loader(
+    source: ModelSource, dtype: torch.dtype | str, log: Callable[[str], None] | None = None
+) -> Iterator[Callable[[], torch.nn.Module]]:
+    """A function that loads MODEL spread by accelerate over the GPUs, host memory and a scratch folder.
+
+    For whole forward passes (sampling calibration text) on a model larger than one device; the scratch folder is
+    removed when the context ends.
+    """
+    with tempfile.TemporaryDirectory(prefix="ffnfusion-offload-") as folder:
+
+        def load() -> torch.nn.Module:
+            if log is not None:
+                log(f"loading {source.spec} across the available devices (device_map=auto)")
+            return load_model(source, dtype, offload_folder=folder)
+
+        yield load
 
 
 def export_transformers_folder(model: str | Path, folder: str | Path) -> Path:

@@ -39,7 +39,14 @@ from ffnfusion.analysis.stats import sub_block_stats_sums
 from ffnfusion.checkpoint import atomic_output_dir
 from ffnfusion.data import DataError, calibration_tokens
 from ffnfusion.plan import Plan, validate_plan
-from ffnfusion.source import ModelSource, ModelSourceError, load_model, parse_dtype, resolve_model
+from ffnfusion.source import (
+    ModelSource,
+    ModelSourceError,
+    dispatched_loader,
+    load_model,
+    parse_dtype,
+    resolve_model,
+)
 from ffnfusion.surgery import ffn_widths
 
 PARTS = ("baseline", "teacher", "ffn_dependency", "block_dependency", "attention")
@@ -132,6 +139,11 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
     for t in tensors:
         digest.update(t.detach().flatten()[:4096].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
+
+
+def getter_fingerprint(get: Callable[[str], torch.Tensor], num_layers: int, dtype: torch.dtype) -> str:
+    """The fingerprint read tensor by tensor from a checkpoint, in the analysis dtype (what streaming hashes)."""
+    return weights_fingerprint(get(name).to(dtype) for name in fingerprint_names(num_layers))
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -552,8 +564,6 @@ def _measure_streamed(
     The sums are saved after every pass over the weights beside `out`; running the same command again after a crash
     resumes at the next pass.
     """
-    import tempfile
-
     from ffnfusion.analysis.streamed import LayerLoader, PassProgress, measure_streamed, plan_streaming
 
     num_layers = len(decilm_config["block_configs"])
@@ -564,19 +574,13 @@ def _measure_streamed(
         )
     get = source.tensor_getter(pin_memory=dev.type == "cuda")
     loader = LayerLoader(decilm_config, get, torch_dtype, dev)
-    with tempfile.TemporaryDirectory(prefix="ffnfusion-offload-") as offload:
-
-        def generator() -> torch.nn.Module:
-            # Sampling text needs whole forward passes: accelerate spreads the model over the GPUs, host memory and
-            # a scratch folder, so a model larger than one device can still write its own calibration text.
-            say(f"loading {spec} across the available devices (device_map=auto) to sample calibration text")
-            return load_model(source, torch_dtype, offload_folder=offload)
-
-        tokens = calibrate(generator)
+    # Sampling text (--data self) needs whole forward passes: the model is spread over the devices for that.
+    with dispatched_loader(source, torch_dtype, say) as load:
+        tokens = calibrate(load)
     seq_len = tokens.shape[1]
     samples = dp.my_tokens(tokens, batch_size).shape[0] if dp is not None else tokens.shape[0]
     stream_plan = plan_streaming(loader, samples, seq_len, batch_size, removed, activations, stream_samples)
-    fingerprint = weights_fingerprint(get(name).to(torch_dtype) for name in fingerprint_names(num_layers))
+    fingerprint = getter_fingerprint(get, num_layers, torch_dtype)
     identity = model_identity(spec, decilm_config, fingerprint)
     say(stream_plan.describe())
     started = time.perf_counter()
