@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ffnfusion.io.output import check_output_dir, write_marker
 from ffnfusion.modeling import modeling_decilm
 from ffnfusion.modeling.modeling_decilm import DeciLMConfig
 
@@ -222,11 +223,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `out`. Refuses a non-empty `out` unless overwrite."""
-    out = Path(out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
+def atomic_output_dir(
+    out: str | Path, verb: str, inputs: Iterable[str | Path | None] = (), overwrite: bool = False
+) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `out`, marked as the output of `ffnfusion VERB`.
+
+    `check_output_dir` decides whether `out` may be replaced (never an input, never an unmarked folder).
+    """
+    out = check_output_dir(out, verb, inputs, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{out.name}.partial-"
     # A run killed with SIGKILL (or by the OOM killer) cannot clean up, and its partial folder may hold hundreds of
@@ -240,6 +244,9 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     tmp.mkdir()
     try:
         yield tmp
+        write_marker(tmp, verb)
+        # Asked again: something may have appeared under the output's name while the stage ran.
+        check_output_dir(out, verb, inputs, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -181,9 +181,18 @@ def plan_(
 ) -> None:
     """Choose what to remove, fuse and parallelize under a budget; predict depth and latency; write plan.json."""
     from ffnfusion.analysis import load_analysis
-    from ffnfusion.planning import CostModel, check_model, iterative_rescorer, search_plan, write_plan
+    from ffnfusion.planning import (
+        CostModel,
+        check_model,
+        check_plan_output,
+        iterative_rescorer,
+        search_plan,
+        write_plan,
+    )
 
     try:
+        inputs = [("analysis", analysis), ("costs file", costs), ("input model", model), ("data", data)]
+        check_plan_output(out, inputs, overwrite=overwrite)
         if stream and not iterative:
             raise ValueError("--stream applies to --iterative re-scoring (plan reads no weights otherwise).")
         a = load_analysis(analysis)

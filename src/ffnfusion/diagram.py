@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch, Rectangle
 
+from ffnfusion.io.output import signature
 from ffnfusion.plan import Plan, plan_blocks, sequential_sub_blocks
 
 KEPT_ATTN, KEPT_FFN, REMOVED, FUSED, PARALLEL = "#4c72b0", "#55a868", "#e6e6e6", "#dd8452", "#8172b3"
@@ -64,6 +65,6 @@ def plot_plan(plan: Plan, num_layers: int, path: str | Path, title: str | None =
         ax.spines[side].set_visible(False)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": signature("report")})
     plt.close(fig)
     return path

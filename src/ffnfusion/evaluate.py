@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ffnfusion.io.output import Input, check_output_file, json_format_is
 
 
 class EvalError(ValueError):
@@ -367,11 +369,14 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _check_out(out: Path, sources: list[Any]) -> None:
-    target = out.expanduser().resolve()
-    for source in sources:
-        if source.folder.resolve() in target.parents:
-            raise EvalError(f"--out {out} is inside the model folder {source.folder}: write it elsewhere.")
+def check_eval_output(out: str | Path, inputs: Iterable[Input]) -> None:
+    """Refuse an eval.json (or the eval.md beside it) that is an input or a file an earlier eval did not write."""
+    out = Path(out)
+    inputs = list(inputs)
+    is_eval_json = json_format_is(EVAL_FORMAT)
+    check_output_file(out, "eval", is_eval_json, inputs, error=EvalError)
+    # eval.md is the table of the eval.json beside it: it is ours when that file is.
+    check_output_file(out.with_suffix(".md"), "eval", lambda _md: is_eval_json(out), inputs, error=EvalError)
 
 
 def evaluate(
@@ -419,7 +424,10 @@ def evaluate(
     sources = [resolve_model(m) for m in models]
     ref_source = resolve_model(reference) if reference is not None else None
     if out is not None:
-        _check_out(out, sources + ([ref_source] if ref_source else []))
+        inputs = [("model", s.input_path) for s in sources] + [("data", data), ("task data", task_data_dir)]
+        if ref_source is not None:
+            inputs.append(("model", ref_source.input_path))
+        check_eval_output(out, inputs)
     task_list = resolve_tasks(tasks or [], task_data_dir)
     manager = task_manager(task_list, task_data_dir) if task_list else None
 

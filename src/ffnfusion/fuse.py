@@ -8,9 +8,10 @@ from typing import Any
 
 from ffnfusion.adapters import adapter_for
 from ffnfusion.checkpoint import TensorInfo, atomic_output_dir, write_fused_checkpoint
+from ffnfusion.io.output import check_output_dir
 from ffnfusion.modeling.modeling_decilm import block_ffn_width
 from ffnfusion.plan import ENGINE_WIDTH_MULTIPLE, Plan, plan_blocks, sequential_sub_blocks
-from ffnfusion.source import ModelSource, ModelSourceError, parse_dtype, resolve_model
+from ffnfusion.source import ModelSourceError, parse_dtype, resolve_model
 from ffnfusion.surgery import fused_config, fused_tensors
 
 ENGINES = ("transformers", "vLLM", "TensorRT-LLM", "llama.cpp")
@@ -78,13 +79,6 @@ def engine_support(config: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _check_output_location(source: ModelSource, out: Path) -> None:
-    out = out.resolve()
-    folder = source.folder.resolve()
-    if out == folder or folder in out.parents:
-        raise ValueError(f"Refusing to write into the input model's folder ({folder}); choose --out elsewhere.")
-
-
 def fuse(
     model: str,
     plan: Plan | str | Path,
@@ -100,8 +94,9 @@ def fuse(
         raise ModelSourceError(
             f"{model} is already a fused checkpoint; plans index the ORIGINAL model's layers, so fuse the original."
         )
+    inputs = [("input model", source.input_path), ("plan", None if isinstance(plan, Plan) else plan)]
     out = Path(out)
-    _check_output_location(source, out)
+    check_output_dir(out, "fuse", inputs, overwrite)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     hf_config = source.config()
     base = adapter_for(hf_config).decilm_config(hf_config)
@@ -115,7 +110,7 @@ def fuse(
     infos = [TensorInfo.of(name, t) for name, t in fused_tensors(base, plan, source.tensor_getter(cast, meta=True))]
     get = source.tensor_getter(cast)
     tokenizer = source.tokenizer()
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, "fuse", inputs, overwrite) as tmp:
         params = write_fused_checkpoint(
             tmp,
             new_config,

@@ -30,12 +30,15 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ffnfusion.checkpoint import LazySafetensors, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.data import DataError, packed_sequences
+from ffnfusion.io.output import Input, check_output_dir, write_marker
 from ffnfusion.plan import Plan, plan_blocks
 from ffnfusion.source import ModelSource, load_model, resolve_model
 
 PLAN_FILE = "ffnfusion_plan.json"
 LOG_FILE = "heal_log.jsonl"
 SETTINGS_FILE = "heal_settings.json"
+# The verb that marks a checkpoint folder, so --overwrite and the clean-up after a run may delete it.
+CHECKPOINTS_VERB = "heal (checkpoints)"
 CURVE_FILE = "loss_curve.png"
 SCOPES = ("all", "changed")
 
@@ -277,14 +280,6 @@ def _check_vocabularies(student_config: dict[str, Any], teacher_config: Any, s_t
             )
 
 
-def _check_output(out: Path, sources: Sequence[ModelSource]) -> None:
-    out = out.resolve()
-    for source in sources:
-        folder = source.folder.resolve()
-        if out == folder or folder in out.parents:
-            raise HealError(f"Refusing to write into an input model's folder ({folder}); choose --out elsewhere.")
-
-
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
     """TrainingArguments keys for activation checkpointing, under the name this transformers version uses."""
     if not enabled:
@@ -391,11 +386,12 @@ def heal(
     out = Path(out).resolve()
     s_source, t_source = resolve_model(student), resolve_model(teacher)
     student_config = _check_student(s_source)
-    _check_output(out, (s_source, t_source))
+    inputs = [("input model", s_source.input_path), ("input model", t_source.input_path)]
+    inputs += [("data", spec) for spec in settings.data]
+    check_output_dir(out, "heal", inputs, overwrite, error=HealError)
     checkpoint_dir = Path(checkpoint_dir).resolve() if checkpoint_dir else out.parent / f"{out.name}.checkpoints"
-    _check_output(checkpoint_dir, (s_source, t_source))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
+    # Checkpoints are removed after a run and on --overwrite: only ever a folder an earlier heal made for them.
+    check_output_dir(checkpoint_dir, CHECKPOINTS_VERB, inputs, overwrite=True, error=HealError)
     if overwrite and not resume and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     resume_from = _check_resume(checkpoint_dir, settings, resume)
@@ -473,6 +469,7 @@ def heal(
 
     if args.process_index == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(checkpoint_dir, CHECKPOINTS_VERB)
         (checkpoint_dir / SETTINGS_FILE).write_text(json.dumps(settings.training_key(), indent=2) + "\n")
     trainer = DistillationTrainer(
         model=student_model,
@@ -509,7 +506,7 @@ def heal(
         log_history=history,
     )
     if trainer.is_world_process_zero():
-        _write_output(out, s_source, student_config, state, tokenizer, summary, settings, overwrite)
+        _write_output(out, inputs, s_source, student_config, state, tokenizer, summary, settings, overwrite)
         if not keep_checkpoints:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -518,6 +515,7 @@ def heal(
 
 def _write_output(
     out: Path,
+    inputs: list[Input],
     s_source: ModelSource,
     student_config: dict[str, Any],
     state: dict[str, torch.Tensor],
@@ -545,6 +543,6 @@ def _write_output(
     plan_file = s_source.folder / PLAN_FILE
     if plan_file.is_file():
         extra[PLAN_FILE] = plan_file.read_text()
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, "heal", inputs, overwrite) as tmp:
         write_fused_checkpoint(tmp, config_kwargs, tensors, tokenizer, extra_files=extra)
         plot_loss_curve(summary.log_history, tmp / CURVE_FILE, f"heal: {s_source.spec}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ffnfusion.analysis.schema import Analysis
+from ffnfusion.io.output import Input, check_output_file
 from ffnfusion.plan import ENGINE_WIDTH_MULTIPLE, Block, Plan, plan_blocks, sequential_sub_blocks, validate_plan
 
 SPLIT_ALGORITHM = (
@@ -379,13 +380,24 @@ def _info(
     }
 
 
+def is_plan_file(path: Path) -> bool:
+    """Whether `path` holds a plan (so `plan --overwrite` may replace it)."""
+    try:
+        Plan.model_validate_json(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def check_plan_output(out: str | Path, inputs: Iterable[Input] = (), overwrite: bool = False) -> Path:
+    """Refuse a plan.json location that is an input, a folder, or a file that is not an earlier plan."""
+    return check_output_file(out, "plan", is_plan_file, inputs, replace=overwrite, error=FileExistsError)
+
+
 def write_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> Path:
     """Write plan.json atomically (a temporary file renamed into place)."""
     out = Path(out)
-    if out.is_dir():
-        raise FileExistsError(f"{out} is a folder; give --out a file name such as plan.json.")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it.")
+    check_plan_output(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     tmp.write_text(plan.model_dump_json(indent=2) + "\n")

@@ -17,6 +17,7 @@ from typing import Any
 
 import markdown
 
+from ffnfusion.io.output import check_output_file, has_signature, signature, signature_line
 from ffnfusion.plan import Plan, plan_blocks, sequential_sub_blocks
 
 CSS = """
@@ -100,7 +101,7 @@ def plot_tradeoff(
     ax.set_title("quality vs speed")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": signature("report")})
     plt.close(fig)
     return path
 
@@ -217,10 +218,20 @@ def _inline_images(page: str, folder: Path) -> str:
     return re.sub(r'src="([^"]+\.png)"', embed, page)
 
 
+REPORT_FILES = ("report.md", "report.html", "plan.png", "tradeoff.png")
+
+
+def check_report_outputs(folder: Path) -> None:
+    """Refuse to write the report over files in `folder` that an earlier report did not write."""
+    for name in REPORT_FILES:
+        check_output_file(folder / name, "report", has_signature("report"))
+
+
 def write_report(folder: str | Path) -> tuple[Path, Path]:
     """Write report.md and a self-contained report.html into `folder`; returns both paths."""
     folder = Path(folder)
-    text = build_report(folder)
+    check_report_outputs(folder)
+    text = build_report(folder).rstrip("\n") + "\n\n" + signature_line("report") + "\n"
     body = markdown.markdown(text, extensions=["tables"])
     title = html.escape(text.splitlines()[0].lstrip("# "))
     page = f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head>"

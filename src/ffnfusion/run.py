@@ -31,6 +31,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ffnfusion.io.output import Input, check_output_dir, write_marker
+
 STAGES = ("analyze", "plan", "fuse", "heal", "eval", "bench", "report")
 UPSTREAM = {
     "analyze": (),
@@ -96,6 +98,10 @@ class RunConfig(BaseModel):
             raise RunConfigError("No model given: pass --model or set `model:` in the configuration file.")
         config.check_stage_options()
         return config
+
+    def inputs(self) -> list[Input]:
+        """The user's files this run reads, which no stage may write over."""
+        return [("input model", self.model), ("data", self.data), ("evaluation data", self.eval_data)]
 
     def check_stage_options(self) -> None:
         problems = []
@@ -187,7 +193,10 @@ class Run:
         ):
             if needed in skip and by not in skip and not self.path(OUTPUTS[needed][0]).exists():
                 raise RunConfigError(f"--skip {needed} leaves nothing for {by}: skip {by} too, or run {needed}.")
+        # A run folder is resumed, never replaced: non-empty, it must be an earlier run's folder.
+        check_output_dir(self.dir, "run", self.config.inputs(), overwrite=True)
         self.dir.mkdir(parents=True, exist_ok=True)
+        write_marker(self.dir, "run")
         status: dict[str, str] = {}
         for stage in STAGES:
             self.keys[stage] = self.stage_key(stage)
@@ -346,4 +355,5 @@ def run(
 ) -> dict[str, str]:
     """Load the configuration (YAML file plus command-line overrides) and execute the pipeline in `out`."""
     cfg = RunConfig.load(config, model=model, **overrides)
+    check_output_dir(out, "run", [*cfg.inputs(), ("run configuration", config)], overwrite=True)
     return Run(cfg, out, log).execute(stop_after=stop_after, skip=skip)

@@ -49,6 +49,12 @@ class ModelSource:
     _lazy: Any = field(default=None, repr=False)
 
     @property
+    def input_path(self) -> Path:
+        """What the user handed in and ffnfusion must never write over: the GGUF file itself, else the folder."""
+        given = Path(self.spec).expanduser()
+        return given.resolve() if given.is_file() else self.folder
+
+    @property
     def load_kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 

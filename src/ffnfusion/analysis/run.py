@@ -38,6 +38,7 @@ from ffnfusion.analysis.schema import (
 from ffnfusion.analysis.stats import sub_block_stats_sums
 from ffnfusion.checkpoint import atomic_output_dir
 from ffnfusion.data import DataError, calibration_tokens
+from ffnfusion.io.output import check_output_dir
 from ffnfusion.plan import Plan, validate_plan
 from ffnfusion.source import (
     ModelSource,
@@ -332,15 +333,6 @@ def write_figures(analysis: Analysis, folder: Path) -> None:
     plot_attention(analysis.kl_by_layer(), analysis.num_layers, removed, folder / HEATMAPS["attention_importance"])
 
 
-def check_output_location(source: ModelSource, out: Path, overwrite: bool) -> None:
-    out = out.resolve()
-    folder = source.folder.resolve()
-    if out == folder or folder in out.parents:
-        raise ValueError(f"Refusing to write into the input model's folder ({folder}); choose --out elsewhere.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
-
-
 @contextmanager
 def _progress(show: bool, total: int, description: str) -> Iterator[Callable[[int], None] | None]:
     if not show:
@@ -407,7 +399,8 @@ def analyze(
             f"{model} is a fused checkpoint; analysis indexes the ORIGINAL model's layers, so analyze the original."
         )
     out = Path(out)
-    check_output_location(source, out, overwrite)
+    inputs = [("input model", source.input_path), ("data", data), ("plan", plan)]
+    check_output_dir(out, "analyze", inputs, overwrite, error=ValueError)
     hf_config = source.config()
     decilm_config = adapter_for(hf_config).decilm_config(hf_config)
     num_layers = len(decilm_config["block_configs"])
@@ -514,7 +507,7 @@ def analyze(
         dp.barrier()  # the main process writes the output
         stream_progress_path(out, dp).unlink(missing_ok=True)
         return AnalyzeResult(analysis, out, seconds, measure_seconds, device_name(dev))
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, "analyze", inputs, overwrite) as tmp:
         analysis.save(tmp / "analysis.json")
         write_figures(analysis, tmp)
         # Timing lives beside analysis.json, not in it, so the same inputs give a byte-identical analysis.json.

@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +26,14 @@ import torch.nn.functional as F
 
 from ffnfusion.bench.engine import DecodeEngine
 from ffnfusion.bench.kernels import TritonOps
+from ffnfusion.io.output import Input, check_output_file, json_format_is
 from ffnfusion.plan import Plan
 from ffnfusion.source import parse_dtype
 
 Log = Callable[[str], None]
+
+BENCH_FORMAT = "ffnfusion-bench"
+BENCH_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------- primitives
@@ -380,6 +384,22 @@ def _device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def is_bench_file(path: Path) -> bool:
+    """Whether `path` holds an earlier bench.json (older ones carry no `format`: recognised by their keys)."""
+    if json_format_is(BENCH_FORMAT)(path):
+        return True
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and {"date", "command", "torch"} <= raw.keys() and ("models" in raw or "tp" in raw)
+
+
+def check_bench_output(out: str | Path, inputs: Iterable[Input]) -> Path:
+    """Refuse a bench.json location that is an input, a folder, or a file an earlier bench did not write."""
+    return check_output_file(out, "bench", is_bench_file, inputs)
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -421,6 +441,10 @@ def bench(
     Returns the bench.json content; writes it to `out` atomically when given.
     """
     log = log or (lambda _msg: None)
+    if out is not None:
+        inputs = [("input model", m) for m in (model, *compare)]
+        inputs += [("plan", None if isinstance(plan, Plan) else plan), ("prompt file", prompt_file)]
+        check_bench_output(out, inputs)
     if prompt_len < 1 or new_tokens < 1 or repeats < 1 or not batch_sizes:
         raise ValueError("prompt length, new tokens, repeats and batch sizes must be positive")
     if model is None and not random_weights and not compare:
@@ -434,6 +458,8 @@ def bench(
     text = Path(prompt_file).read_text(errors="replace") if prompt_file else None
 
     result: dict[str, Any] = {
+        "format": BENCH_FORMAT,
+        "version": BENCH_VERSION,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
         "command": command or " ".join(sys.argv),
         **_device_info(dev),

@@ -389,12 +389,14 @@ def bench_tp_stage(
     """`ffnfusion bench --tp N`: the report on rank 0 (written to `out` there), None on the other ranks."""
     from pathlib import Path
 
-    from ffnfusion.bench.measure import write_json_atomic
+    from ffnfusion.bench.measure import BENCH_FORMAT, BENCH_VERSION, check_bench_output, write_json_atomic
     from ffnfusion.bench.shapes import shape_config
     from ffnfusion.source import parse_dtype
 
     if tp < 1:
         raise ValueError(f"--tp must be at least 1, got {tp}")
+    if out is not None:
+        check_bench_output(out, [("plan", None if isinstance(plan, Plan) else plan)])
     if model is not None or compare or not random_weights or not shape:
         raise ValueError("--tp runs random-weight models only: use --random-weights --shape NAME --plan PLAN")
     if plan is None:
@@ -421,5 +423,5 @@ def bench_tp_stage(
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     if out is not None:
-        write_json_atomic(Path(out), report)
+        write_json_atomic(Path(out), {"format": BENCH_FORMAT, "version": BENCH_VERSION, **report})
     return report
