@@ -4,7 +4,7 @@
     python benchmarks/analyze_streaming.py --dir D --shape llama3-70b --layers 12    # 70B widths, 12 layers
 
 Writes a random bf16 checkpoint (several shards, an index, and a word-level tokenizer over the model's vocabulary),
-a calibration text of random vocabulary words, then runs `ffnfusion.analysis.analyze` once per mode, each in its own
+a calibration text of random vocabulary words, then runs `ffnfusion.analyze.analyze` once per mode, each in its own
 process so that peak memory is that mode's alone:
 
 - `streamed`: --stream with the activations wherever they fit (on the GPU when they do),
@@ -99,7 +99,7 @@ def write_text(path: Path, vocab: int, words: int) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """One analyze run; prints its figures as JSON on the last line."""
-    from ffnfusion.analysis import analyze
+    from ffnfusion.analyze import analyze
 
     options = {"streamed": {"stream": True}, "streamed-cpu": {"stream": True, "activations": "cpu"}, "memory": {}}
     cuda = args.device == "cuda"

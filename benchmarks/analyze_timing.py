@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ffnfusion.analysis import analyze
+from ffnfusion.analyze import analyze
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ import torch
 
 from ffnfusion.bench.engine import DecodeEngine
 from ffnfusion.bench.kernels import TorchOps, TritonOps
-from ffnfusion.bench.measure import compare_tokens, eager_generate
 from ffnfusion.bench.shapes import random_model
-from ffnfusion.fuse import fuse_model
-from ffnfusion.plan import Plan
+from ffnfusion.bench.stage import compare_tokens, eager_generate
+from ffnfusion.formats.plan import Plan
+from ffnfusion.surgery import fuse_model
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -23,9 +23,9 @@ from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from ffnfusion.evaluate import resolve_tasks, run_tasks, task_manager
-from ffnfusion.source import load_model, resolve_model
-from ffnfusion.tasks import load_docs
+from ffnfusion.eval.stage import resolve_tasks, run_tasks, task_manager
+from ffnfusion.eval.tasks import load_docs
+from ffnfusion.io.source import load_model, resolve_model
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 STANDARD_YAML = {

@@ -128,7 +128,7 @@ def timed_fuse(cmd: list[str]) -> dict[str, float]:
 
 def check_output(model: Path, out: Path, plan: dict) -> None:
     """Every shard opens with safetensors; one fused group's gate_proj equals its recomputation from the input."""
-    from ffnfusion.checkpoint import LazySafetensors, verify_fused_checkpoint
+    from ffnfusion.io.checkpoint import LazySafetensors, verify_fused_checkpoint
 
     verify_fused_checkpoint(out)
     weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from ffnfusion.data import load_texts, tokenize_stream
-from ffnfusion.evaluate import fidelity, perplexity
+from ffnfusion.eval.stage import fidelity, perplexity
+from ffnfusion.formats.plan import Plan
 from ffnfusion.fuse import fuse
-from ffnfusion.plan import Plan
-from ffnfusion.source import export_transformers_folder, load_model, resolve_model
+from ffnfusion.io.source import export_transformers_folder, load_model, resolve_model
 
 # Attention removed in 8 late-middle layers (16-23 of 30). Their FFNs then run back to back from layer 15 to 23;
 # they are fused in two groups of four, leaving the run's last FFN (23) alone as the paper advises. On

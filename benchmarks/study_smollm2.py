@@ -25,15 +25,16 @@ from typing import Any
 
 import torch
 
-from ffnfusion.analysis import analyze
-from ffnfusion.analysis.schema import Analysis
+from ffnfusion.analyze import analyze
 from ffnfusion.data import load_texts, tokenize_stream
-from ffnfusion.evaluate import fidelity, perplexity
-from ffnfusion.fuse import fuse, fuse_model
+from ffnfusion.eval.stage import fidelity, perplexity
+from ffnfusion.formats.analysis import Analysis
+from ffnfusion.formats.plan import Plan, plan_blocks, sequential_sub_blocks
+from ffnfusion.fuse import fuse
 from ffnfusion.heal import HealSettings, heal
-from ffnfusion.plan import Plan, plan_blocks, sequential_sub_blocks
-from ffnfusion.planning import attention_free_runs, build_plan, search_plan
-from ffnfusion.source import export_transformers_folder, load_model, resolve_model
+from ffnfusion.io.source import export_transformers_folder, load_model, resolve_model
+from ffnfusion.plan.search import attention_free_runs, build_plan, search_plan
+from ffnfusion.surgery import fuse_model
 
 
 class Study:

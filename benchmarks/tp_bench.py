@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from transformers import LlamaConfig
 
-from ffnfusion.bench.measure import write_json_atomic
 from ffnfusion.bench.shapes import SHAPES, shape_config
+from ffnfusion.bench.stage import write_json_atomic
 from ffnfusion.bench.tensor_parallel import bench_tp, markdown_table
-from ffnfusion.plan import Plan
+from ffnfusion.formats.plan import Plan
 
 TINY = dict(
     vocab_size=250,

@@ -8,8 +8,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ffnfusion.analysis.dependency import window_scores
-from ffnfusion.analysis.schema import (
+from ffnfusion.analyze.dependency import window_scores
+from ffnfusion.formats.analysis import (
     Analysis,
     AttentionScore,
     Calibration,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ffnfusion.plan import Plan
+from ffnfusion.formats.plan import Plan
 
 
 @torch.no_grad()

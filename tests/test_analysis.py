@@ -13,13 +13,13 @@ from transformers import GPT2Config
 from analysis_fakes import save_with_tokenizer, text_file
 from conftest import tiny_model
 from ffnfusion.adapters.base import UnsupportedModelError
-from ffnfusion.analysis import AnalysisError, analyze, load_analysis, parse_layers
-from ffnfusion.analysis.attention import score_attention
-from ffnfusion.analysis.run import measure, planned_evals
-from ffnfusion.analysis.runner import SubBlockRunner
+from ffnfusion.analyze import AnalysisError, analyze, load_analysis, parse_layers
+from ffnfusion.analyze.attention import score_attention
+from ffnfusion.analyze.measure import measure, planned_evals
+from ffnfusion.analyze.runner import SubBlockRunner
 from ffnfusion.data import DataError
-from ffnfusion.fuse import fuse_model
-from ffnfusion.plan import Plan, plan_blocks
+from ffnfusion.formats.plan import Plan, plan_blocks
+from ffnfusion.surgery import fuse_model
 
 
 def _tokens(vocab: int, samples: int = 5, seq: int = 12, seed: int = 0) -> torch.Tensor:

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 from conftest import save_model, tiny_model
 from ffnfusion.bench.engine import DecodeEngine
 from ffnfusion.bench.kernels import TorchOps
-from ffnfusion.bench.measure import bench, compare_tokens, eager_generate, markdown_table
 from ffnfusion.bench.shapes import SHAPES, random_model, shape_config
+from ffnfusion.bench.stage import bench, compare_tokens, eager_generate, markdown_table
 from ffnfusion.cli import app
-from ffnfusion.fuse import fuse_model
-from ffnfusion.plan import Plan
+from ffnfusion.formats.plan import Plan
+from ffnfusion.surgery import fuse_model
 
 PLANS = {
     "original": Plan(),

@@ -12,11 +12,12 @@ from typer.testing import CliRunner
 
 import ffnfusion  # noqa: F401  (registers DeciLM with the Auto classes)
 from conftest import tiny_model
-from ffnfusion.checkpoint import CheckpointError
 from ffnfusion.cli import app
-from ffnfusion.fuse import fuse, fuse_model
-from ffnfusion.plan import Plan
-from ffnfusion.source import load_model
+from ffnfusion.formats.plan import Plan
+from ffnfusion.fuse import fuse
+from ffnfusion.io.checkpoint import CheckpointError
+from ffnfusion.io.source import load_model
+from ffnfusion.surgery import fuse_model
 from reference import logits_without_ffnfusion, reference_logits, rel_err
 
 PLAN = Plan(remove_attention=[2, 3], fuse_ffn=[[1, 2, 3]], parallel_blocks=[[4, 5]])

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from ffnfusion.diagram import plot_plan
-from ffnfusion.plan import Plan
+from ffnfusion.formats.plan import Plan
+from ffnfusion.report.diagram import plot_plan
 
 
 def test_plan_diagram_is_written(tmp_path) -> None:

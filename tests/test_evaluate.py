@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from ffnfusion.evaluate import EvalError, fidelity, perplexity, sliding_windows
+from ffnfusion.eval.stage import EvalError, fidelity, perplexity, sliding_windows
 
 
 class FixedDistribution(torch.nn.Module):
@@ -137,8 +137,8 @@ def test_bad_settings_are_named():
 
 
 def test_decilm_models_are_scored_like_their_original():
-    from ffnfusion.fuse import fuse_model
-    from ffnfusion.plan import Plan
+    from ffnfusion.formats.plan import Plan
+    from ffnfusion.surgery import fuse_model
 
     original = tiny_model("llama", seed=4)
     stream = torch.randint(0, 97, (80,), generator=torch.Generator().manual_seed(5))

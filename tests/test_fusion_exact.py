@@ -7,10 +7,9 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from ffnfusion.adapters import adapter_for
-from ffnfusion.fuse import fuse_model
+from ffnfusion.formats.plan import Plan
 from ffnfusion.modeling.modeling_decilm import DeciLMConfig, DeciLMDecoderLayer, rms_normalize
-from ffnfusion.plan import Plan
-from ffnfusion.surgery import fuse_state_dict
+from ffnfusion.surgery import fuse_model, fuse_state_dict
 from reference import reference_logits, rel_err
 
 PLANS = {

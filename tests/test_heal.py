@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from conftest import tiny_model
 from ffnfusion.cli import app
 from ffnfusion.data import DataError, packed_sequences, tokenize_stream
-from ffnfusion.fuse import fuse, fuse_model
+from ffnfusion.formats.plan import Plan
+from ffnfusion.fuse import fuse
 from ffnfusion.heal import (
     HealError,
     HealSettings,
@@ -27,7 +28,7 @@ from ffnfusion.heal import (
     distillation_loss,
     heal,
 )
-from ffnfusion.plan import Plan
+from ffnfusion.surgery import fuse_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = Plan(remove_attention=[2, 3, 4], fuse_ffn=[[1, 2, 3]])

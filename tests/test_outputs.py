@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from analysis_fakes import save_with_tokenizer, text_file
 from conftest import SMOLLM2_GGUF, tiny_model
 from ffnfusion.cli import app
+from ffnfusion.formats.plan import Plan
 from ffnfusion.fuse import fuse
 from ffnfusion.io.output import (
     MARKER,
@@ -26,8 +27,7 @@ from ffnfusion.io.output import (
     json_format_is,
     write_marker,
 )
-from ffnfusion.plan import Plan
-from ffnfusion.source import resolve_model
+from ffnfusion.io.source import resolve_model
 
 runner = CliRunner()
 PLAN = Plan(remove_attention=[2, 3], fuse_ffn=[[1, 2]])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ffnfusion.plan import Plan, PlanError, plan_blocks, sequential_sub_blocks, validate_plan
+from ffnfusion.formats.plan import Plan, PlanError, plan_blocks, sequential_sub_blocks, validate_plan
 
 WIDTHS = [256] * 8
 

@@ -14,20 +14,20 @@ from typer.testing import CliRunner
 
 from analysis_fakes import fake_analysis, save_with_tokenizer, text_file
 from conftest import tiny_model
-from ffnfusion.analysis import AnalysisError, analyze, load_analysis
+from ffnfusion.analyze import AnalysisError, analyze, load_analysis
+from ffnfusion.analyze.rescore import iterative_rescorer
 from ffnfusion.cli import app
 from ffnfusion.data import calibration_tokens
-from ffnfusion.fuse import fuse_model
-from ffnfusion.plan import Plan, validate_plan
-from ffnfusion.planning import (
+from ffnfusion.formats.plan import Plan, validate_plan
+from ffnfusion.plan.search import (
     CostModel,
     attention_free_runs,
     check_model,
-    iterative_rescorer,
     search_plan,
     split_windows,
     write_plan,
 )
+from ffnfusion.surgery import fuse_model
 
 
 def _matrix(n: int, value: float = 0.01, high: dict[tuple[int, int], float] | None = None) -> list[list[float]]:

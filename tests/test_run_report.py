@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from analysis_fakes import save_with_tokenizer, text_file
 from conftest import tiny_model
 from ffnfusion.cli import app
+from ffnfusion.pipeline import RunConfig, RunConfigError, run
 from ffnfusion.report import ReportError, write_report
-from ffnfusion.run import RunConfig, RunConfigError, run
 
 runner = CliRunner()
 

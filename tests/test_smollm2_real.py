@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from conftest import SMOLLM2_GGUF
 from ffnfusion.cli import app
-from ffnfusion.fuse import fuse_model
-from ffnfusion.plan import Plan
-from ffnfusion.source import export_transformers_folder, load_model, resolve_model
+from ffnfusion.formats.plan import Plan
+from ffnfusion.io.source import export_transformers_folder, load_model, resolve_model
+from ffnfusion.surgery import fuse_model
 from reference import logits_without_ffnfusion, reference_logits, rel_err
 
 PLAN = Plan(remove_attention=[14, 15, 16, 17], fuse_ffn=[[13, 14, 15, 16]])

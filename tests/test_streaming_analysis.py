@@ -10,9 +10,9 @@ import torch
 
 from analysis_fakes import save_with_tokenizer, text_file
 from conftest import tiny_model
-from ffnfusion.analysis import analyze
-from ffnfusion.analysis.streamed import LayerLoader, plan_streaming, streams_per_sequence
-from ffnfusion.checkpoint import INDEX_NAME, CheckpointError
+from ffnfusion.analyze import analyze
+from ffnfusion.analyze.streamed import LayerLoader, plan_streaming, streams_per_sequence
+from ffnfusion.io.checkpoint import INDEX_NAME, CheckpointError
 
 SHARD = 30_000  # bytes: every tiny model below spans several shards
 
@@ -87,9 +87,9 @@ def test_only_one_layer_is_resident_at_a_time(models: dict[str, Path], tmp_path:
 
 
 def test_pass_size_follows_the_memory_budget(models: dict[str, Path], monkeypatch) -> None:
-    import ffnfusion.analysis.streamed as streamed
+    import ffnfusion.analyze.streamed as streamed
     from ffnfusion.adapters import adapter_for
-    from ffnfusion.source import resolve_model
+    from ffnfusion.io.source import resolve_model
 
     source = resolve_model(str(models["llama"]))
     config = adapter_for(source.config()).decilm_config(source.config())
@@ -235,7 +235,7 @@ def test_self_generated_calibration_text_with_streaming(
     models: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:
     """--data self samples text through an accelerate-dispatched model; the same text as the in-memory path."""
-    import ffnfusion.source as source
+    import ffnfusion.io.source as source
 
     loads: list[dict] = []
     real = source.AutoModelForCausalLM.from_pretrained

@@ -15,10 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import ffnfusion.checkpoint as checkpoint
+import ffnfusion.io.checkpoint as checkpoint
 from conftest import tiny_model
 from ffnfusion.adapters import adapter_for
-from ffnfusion.checkpoint import (
+from ffnfusion.formats.plan import Plan
+from ffnfusion.fuse import fuse
+from ffnfusion.io.checkpoint import (
     INDEX_NAME,
     CheckpointError,
     LazySafetensors,
@@ -26,8 +28,6 @@ from ffnfusion.checkpoint import (
     stream_safetensors,
     write_safetensors,
 )
-from ffnfusion.fuse import fuse
-from ffnfusion.plan import Plan
 from ffnfusion.surgery import fuse_state_dict
 
 PLAN = Plan(remove_attention=[2, 3, 5], fuse_ffn=[[1, 2, 3], [4, 5]])
@@ -232,9 +232,9 @@ def test_killed_run_leaves_no_output_and_the_next_run_cleans_up(sharded, tmp_pat
     script = textwrap.dedent(
         f"""
         import os, signal
-        import ffnfusion.checkpoint as checkpoint
+        import ffnfusion.io.checkpoint as checkpoint
         from ffnfusion.fuse import fuse
-        from ffnfusion.plan import Plan
+        from ffnfusion.formats.plan import Plan
 
         real, calls = checkpoint._pwrite_all, 0
         def dying(fd, data, offset):

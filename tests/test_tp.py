@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
 from conftest import tiny_model
+from ffnfusion.bench.sharding import TensorParallelError, tp_problems
 from ffnfusion.cli import app
-from ffnfusion.fuse import fuse_model
-from ffnfusion.plan import Plan, plan_blocks, sequential_sub_blocks
-from ffnfusion.tp import TensorParallelError, tp_problems
+from ffnfusion.formats.plan import Plan, plan_blocks, sequential_sub_blocks
+from ffnfusion.surgery import fuse_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -37,7 +37,7 @@ def _run_cases(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from transformers.cache_utils import DynamicCache
 
-    from ffnfusion.tp import count_collectives, shard_model
+    from ffnfusion.bench.sharding import count_collectives, shard_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)

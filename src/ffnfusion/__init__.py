@@ -1,7 +1,7 @@
 """ffnfusion: FFN Fusion (arXiv 2503.18908) for Hugging Face Llama-family models."""
 
+from ffnfusion.formats.plan import Plan, PlanError
 from ffnfusion.modeling import DeciLMConfig, DeciLMForCausalLM
-from ffnfusion.plan import Plan, PlanError
 
 __version__ = "0.1.0"
 

@@ -67,7 +67,7 @@ def analyze(
 
     Under `torchrun --nproc-per-node N` the calibration batches are split over N processes (one GPU each).
     """
-    from ffnfusion.analysis import analyze as run_analyze
+    from ffnfusion.analyze import analyze as run_analyze
 
     # Under torchrun every process runs this command; only the first one reports.
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -180,15 +180,9 @@ def plan_(
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """Choose what to remove, fuse and parallelize under a budget; predict depth and latency; write plan.json."""
-    from ffnfusion.analysis import load_analysis
-    from ffnfusion.planning import (
-        CostModel,
-        check_model,
-        check_plan_output,
-        iterative_rescorer,
-        search_plan,
-        write_plan,
-    )
+    from ffnfusion.analyze import load_analysis
+    from ffnfusion.analyze.rescore import iterative_rescorer
+    from ffnfusion.plan.search import CostModel, check_model, check_plan_output, search_plan, write_plan
 
     try:
         inputs = [("analysis", analysis), ("costs file", costs), ("input model", model), ("data", data)]
@@ -429,7 +423,7 @@ def eval_(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Perplexity, fidelity to the original and zero-shot tasks (lm-eval-harness), several models side by side."""
-    from ffnfusion.evaluate import evaluate, markdown_table
+    from ffnfusion.eval.stage import evaluate, markdown_table
 
     try:
         result = evaluate(
@@ -533,8 +527,8 @@ def bench(
             console.print(f"wrote {out}")
         return
 
-    from ffnfusion.bench.measure import bench as run_bench
-    from ffnfusion.bench.measure import markdown_table
+    from ffnfusion.bench.stage import bench as run_bench
+    from ffnfusion.bench.stage import markdown_table
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
@@ -581,7 +575,7 @@ def run_(
     skip: Annotated[str, typer.Option(help="stages to skip, comma-separated, e.g. heal,bench")] = "",
 ) -> None:
     """Analyze -> plan -> fuse -> heal -> eval -> bench -> report in one folder; rerun to resume."""
-    from ffnfusion.run import run
+    from ffnfusion.pipeline import run
 
     try:
         status = run(

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from ffnfusion.adapters import adapter_for
-from ffnfusion.checkpoint import TensorInfo, atomic_output_dir, write_fused_checkpoint
+from ffnfusion.formats.plan import ENGINE_WIDTH_MULTIPLE, Plan, plan_blocks, sequential_sub_blocks
+from ffnfusion.io.checkpoint import TensorInfo, atomic_output_dir, write_fused_checkpoint
+from ffnfusion.io.device import parse_dtype
 from ffnfusion.io.output import check_output_dir
+from ffnfusion.io.source import ModelSourceError, resolve_model
 from ffnfusion.modeling.modeling_decilm import block_ffn_width
-from ffnfusion.plan import ENGINE_WIDTH_MULTIPLE, Plan, plan_blocks, sequential_sub_blocks
-from ffnfusion.source import ModelSourceError, parse_dtype, resolve_model
 from ffnfusion.surgery import fused_config, fused_tensors
 
 ENGINES = ("transformers", "vLLM", "TensorRT-LLM", "llama.cpp")
@@ -132,30 +133,3 @@ def fuse(
         params_after=params,
         engines=engine_support(new_config),
     )
-
-
-def fuse_model(model: Any, plan: Plan, require_engine_widths: bool = False) -> Any:
-    """In-memory fusion of a loaded transformers model: returns a DeciLMForCausalLM on the same device and dtype."""
-    import torch
-
-    from ffnfusion.modeling.modeling_decilm import DeciLMConfig, DeciLMForCausalLM
-
-    base = adapter_for(model.config).decilm_config(model.config)
-    new_config = fused_config(base, plan, require_engine_widths)
-    state = model.state_dict()
-    tensors = dict(fused_tensors(base, plan, state.__getitem__))
-    param = next(model.parameters())
-    with torch.device("meta"):
-        fused = DeciLMForCausalLM(DeciLMConfig(**new_config))
-    fused.load_state_dict(tensors, strict=False, assign=True)
-    if new_config.get("tie_word_embeddings"):
-        fused.tie_weights()
-    missing = [n for n, p in fused.named_parameters() if p.is_meta]
-    if missing:
-        raise RuntimeError(f"fusion left parameters without weights: {missing[:5]}")
-    rotary = type(fused.model.rotary_emb)
-    del fused.model.rotary_emb  # its frequencies are meta tensors, which cannot be moved
-    fused = fused.to(device=param.device, dtype=param.dtype).eval()
-    # Built after the cast: RoPE frequencies stay float32, as in a transformers model loaded in bf16.
-    fused.model.rotary_emb = rotary(fused.config).to(param.device)
-    return fused

@@ -28,11 +28,11 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
 
-from ffnfusion.checkpoint import LazySafetensors, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.data import DataError, packed_sequences
+from ffnfusion.formats.plan import Plan, plan_blocks
+from ffnfusion.io.checkpoint import LazySafetensors, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.io.output import Input, check_output_dir, write_marker
-from ffnfusion.plan import Plan, plan_blocks
-from ffnfusion.source import ModelSource, load_model, resolve_model
+from ffnfusion.io.source import ModelSource, load_model, resolve_model
 
 PLAN_FILE = "ffnfusion_plan.json"
 LOG_FILE = "heal_log.jsonl"

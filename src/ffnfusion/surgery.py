@@ -1,4 +1,6 @@
-"""Pure model surgery: (unmodified DeciLM config, original tensors, plan) -> (fused config, fused tensors).
+"""Model surgery, shared by every stage: (unmodified DeciLM config, original tensors, plan) -> fused config and
+tensors, and `fuse_model` for the same surgery on a loaded model in memory (analyze, plan and bench use it; the
+`fuse` stage writes its result to disk).
 
 Tensors are pulled by name through `get`, one block at a time, so the same code serves an in-memory state dict
 and a lazily opened safetensors checkpoint. Norm weights are folded in fp32 and cast back to the input dtype.
@@ -12,9 +14,10 @@ from typing import Any
 
 import torch
 
+from ffnfusion.adapters import adapter_for
 from ffnfusion.adapters.base import ffn_mult_for
+from ffnfusion.formats.plan import Block, Plan, plan_blocks, validate_plan
 from ffnfusion.modeling.modeling_decilm import block_ffn_width
-from ffnfusion.plan import Block, Plan, plan_blocks, validate_plan
 
 TensorGetter = Callable[[str], torch.Tensor]
 
@@ -154,3 +157,30 @@ def fuse_state_dict(
     """In-memory convenience: (fused config kwargs, fused state dict)."""
     new_config = fused_config(config, plan, require_engine_widths)
     return new_config, dict(fused_tensors(config, plan, state_dict.__getitem__))
+
+
+def fuse_model(model: Any, plan: Plan, require_engine_widths: bool = False) -> Any:
+    """In-memory fusion of a loaded transformers model: returns a DeciLMForCausalLM on the same device and dtype."""
+    import torch
+
+    from ffnfusion.modeling.modeling_decilm import DeciLMConfig, DeciLMForCausalLM
+
+    base = adapter_for(model.config).decilm_config(model.config)
+    new_config = fused_config(base, plan, require_engine_widths)
+    state = model.state_dict()
+    tensors = dict(fused_tensors(base, plan, state.__getitem__))
+    param = next(model.parameters())
+    with torch.device("meta"):
+        fused = DeciLMForCausalLM(DeciLMConfig(**new_config))
+    fused.load_state_dict(tensors, strict=False, assign=True)
+    if new_config.get("tie_word_embeddings"):
+        fused.tie_weights()
+    missing = [n for n, p in fused.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"fusion left parameters without weights: {missing[:5]}")
+    rotary = type(fused.model.rotary_emb)
+    del fused.model.rotary_emb  # its frequencies are meta tensors, which cannot be moved
+    fused = fused.to(device=param.device, dtype=param.dtype).eval()
+    # Built after the cast: RoPE frequencies stay float32, as in a transformers model loaded in bf16.
+    fused.model.rotary_emb = rotary(fused.config).to(param.device)
+    return fused

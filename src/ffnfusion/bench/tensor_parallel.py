@@ -1,9 +1,9 @@
 """Tensor-parallel latency of the original vs the fused model, random weights of a real shape.
 
 One process per device, launched by torchrun (NCCL on CUDA, gloo on CPU). The model is sharded with
-`ffnfusion.tp.shard_model` (PyTorch's own tensor-parallel API) and runs its own forward, so the collectives are
-the ones DTensor issues; the single-device engine (`DecodeEngine`) bypasses the modules and is not used here. Run
-at world size 1 the same code gives the like-for-like single-device baseline (nothing is sharded).
+`ffnfusion.bench.sharding.shard_model` (PyTorch's own tensor-parallel API) and runs its own forward, so the
+collectives are the ones DTensor issues; the single-device engine (`DecodeEngine`) bypasses the modules and is not
+used here. Run at world size 1 the same code gives the like-for-like single-device baseline (nothing is sharded).
 
 Per model and batch size:
 - prefill latency of `prompt_len` tokens (logits of the last position only, as a server computes them);
@@ -33,10 +33,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from transformers import LlamaConfig
 
 from ffnfusion.adapters import adapter_for
+from ffnfusion.bench.sharding import count_collectives, expected_all_reduces, init_random_, shard_model
+from ffnfusion.formats.plan import Plan, plan_blocks, sequential_sub_blocks
 from ffnfusion.modeling.modeling_decilm import DeciLMConfig, DeciLMForCausalLM, DeciLMRotaryEmbedding
-from ffnfusion.plan import Plan, plan_blocks, sequential_sub_blocks
 from ffnfusion.surgery import fused_config
-from ffnfusion.tp import count_collectives, expected_all_reduces, init_random_, shard_model
 
 ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "TORCH_SYMM_MEM", "NVSHMEM_", "CUDA_VISIBLE_DEVICES")
 
@@ -389,9 +389,9 @@ def bench_tp_stage(
     """`ffnfusion bench --tp N`: the report on rank 0 (written to `out` there), None on the other ranks."""
     from pathlib import Path
 
-    from ffnfusion.bench.measure import BENCH_FORMAT, BENCH_VERSION, check_bench_output, write_json_atomic
     from ffnfusion.bench.shapes import shape_config
-    from ffnfusion.source import parse_dtype
+    from ffnfusion.bench.stage import BENCH_FORMAT, BENCH_VERSION, check_bench_output, write_json_atomic
+    from ffnfusion.io.device import parse_dtype
 
     if tp < 1:
         raise ValueError(f"--tp must be at least 1, got {tp}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ffnfusion.analysis.runner import Prefix, SubBlockRunner, Teacher, next_token_targets
+from ffnfusion.analyze.runner import Prefix, SubBlockRunner, Teacher, next_token_targets
 
 
 def teacher_for(runner: SubBlockRunner, ids: torch.Tensor, prefix: Prefix, removed: set[int]) -> Teacher:

@@ -24,23 +24,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ffnfusion.analysis.schema import Analysis
+from ffnfusion.analyze.rescore import Rescorer
+from ffnfusion.formats.analysis import Analysis
+from ffnfusion.formats.plan import ENGINE_WIDTH_MULTIPLE, Block, Plan, plan_blocks, sequential_sub_blocks, validate_plan
 from ffnfusion.io.output import Input, check_output_file
-from ffnfusion.plan import ENGINE_WIDTH_MULTIPLE, Block, Plan, plan_blocks, sequential_sub_blocks, validate_plan
 
 SPLIT_ALGORITHM = (
     "dynamic programming per run: fewest groups of <= max_group FFNs, then least total in-group dependency sum(M[i][j])"
 )
-
-# Given the current removed set, the KL of removing each remaining attention as well (iterative mode).
-Rescorer = Callable[[set[int]], dict[int, float]]
 
 
 class CostModel(BaseModel):
@@ -408,120 +406,10 @@ def write_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> Path:
 def check_model(analysis: Analysis, model: str) -> None:
     """Refuse an analysis made from another model than MODEL (compares the architecture, no weights loaded)."""
     from ffnfusion.adapters import adapter_for
-    from ffnfusion.analysis.run import model_identity
-    from ffnfusion.analysis.schema import check_same_model
-    from ffnfusion.source import resolve_model
+    from ffnfusion.analyze.identity import model_identity
+    from ffnfusion.formats.analysis import check_same_model
+    from ffnfusion.io.source import resolve_model
 
     hf_config = resolve_model(model).config()
     identity = model_identity(model, adapter_for(hf_config).decilm_config(hf_config))
     check_same_model(analysis, identity)
-
-
-def _streamed_rescorer(
-    analysis: Analysis,
-    spec: str,
-    source: Any,
-    decilm_config: dict[str, Any],
-    calibrate: Callable[[Any], Any],
-    dev: Any,
-    torch_dtype: Any,
-    batch_size: int,
-    say: Callable[[str], None],
-) -> Rescorer:
-    """`iterative_rescorer` with one layer on the device at a time (each re-scoring is one pass over the weights)."""
-    from ffnfusion.analysis.run import getter_fingerprint, model_identity
-    from ffnfusion.analysis.schema import check_same_model
-    from ffnfusion.analysis.streamed import LayerLoader, measure_streamed, plan_streaming
-    from ffnfusion.source import dispatched_loader
-
-    get = source.tensor_getter(pin_memory=dev.type == "cuda")
-    fingerprint = getter_fingerprint(get, len(decilm_config["block_configs"]), torch_dtype)
-    check_same_model(analysis, model_identity(spec, decilm_config, fingerprint), compare_weights=True)
-    with dispatched_loader(source, torch_dtype, say) as load:
-        tokens = calibrate(load)
-    say(f"iterative mode: streaming {spec} one layer at a time ({str(torch_dtype).removeprefix('torch.')}, {dev})")
-
-    def rescore(removed: set[int]) -> dict[int, float]:
-        say(f"re-scoring {analysis.num_layers - len(removed)} attention sub-blocks with {sorted(removed)} removed")
-        loader = LayerLoader(decilm_config, get, torch_dtype, dev)
-        samples, seq_len = tokens.shape
-        plan = plan_streaming(loader, samples, seq_len, batch_size, set(removed), matrices=False)
-        m = measure_streamed(loader, tokens, set(removed), batch_size, plan, matrices=False)
-        return {i: kl for i, (kl, _ce) in m.attention.scores.items()}
-
-    return rescore
-
-
-def iterative_rescorer(
-    analysis: Analysis,
-    model: str | None = None,
-    data: str | None = None,
-    samples: int | None = None,
-    seq_len: int | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    batch_size: int | None = None,
-    log: Callable[[str], None] | None = None,
-    stream: bool = False,
-) -> Rescorer:
-    """A Rescorer that re-measures attention KL on the model itself (the model and data of the analysis by default).
-
-    stream=True loads one layer at a time onto the device, as `analyze --stream` does, for models that do not fit.
-
-    Each call costs about (L+1)/2 full forward passes over the calibration tokens plus one per batch, so N removals
-    cost about N times the attention part of `analyze`; fewer --samples make it proportionally cheaper.
-    """
-    import torch
-
-    from ffnfusion.adapters import adapter_for
-    from ffnfusion.analysis.attention import score_attention
-    from ffnfusion.analysis.run import model_fingerprint, model_identity, resolve_device, resolve_dtype
-    from ffnfusion.analysis.runner import SubBlockRunner
-    from ffnfusion.analysis.schema import check_same_model
-    from ffnfusion.data import calibration_tokens
-    from ffnfusion.fuse import fuse_model
-    from ffnfusion.source import ModelSourceError, load_model, resolve_model
-
-    say = log or (lambda _msg: None)
-    spec = model or analysis.model.name
-    source = resolve_model(spec)
-    hf_config = source.config()
-    decilm_config = adapter_for(hf_config).decilm_config(hf_config)
-    check_same_model(analysis, model_identity(spec, decilm_config))
-    cal = analysis.calibration
-    dev = resolve_device(device or analysis.settings.device)
-    torch_dtype = resolve_dtype(dtype or analysis.settings.dtype, dev)
-    tokenizer = source.tokenizer()
-    if tokenizer is None:
-        raise ModelSourceError(f"{spec} has no tokenizer; iterative re-scoring needs one.")
-    size = batch_size or analysis.settings.batch_size
-
-    def calibrate(model_or_loader: Any) -> torch.Tensor:
-        return calibration_tokens(
-            data or cal.data,
-            tokenizer,
-            samples or cal.samples,
-            seq_len or cal.seq_len,
-            cal.seed,
-            model=model_or_loader,
-            model_key=analysis.model.config_hash,
-            text_field=cal.text_field,
-        )
-
-    if stream:
-        return _streamed_rescorer(analysis, spec, source, decilm_config, calibrate, dev, torch_dtype, size, say)
-    say(f"iterative mode: loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
-    hf_model = load_model(source, torch_dtype, dev)
-    tokens = calibrate(hf_model)
-    decilm = fuse_model(hf_model, Plan())
-    del hf_model
-    check_same_model(analysis, model_identity(spec, decilm_config, model_fingerprint(decilm)), compare_weights=True)
-    runner = SubBlockRunner(decilm)
-
-    def rescore(removed: set[int]) -> dict[int, float]:
-        say(f"re-scoring {analysis.num_layers - len(removed)} attention sub-blocks with {sorted(removed)} removed")
-        with torch.inference_mode():
-            result = score_attention(runner, tokens, set(removed), size)
-        return {i: kl for i, (kl, _ce) in result.scores.items()}
-
-    return rescore

@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch, Rectangle
 
+from ffnfusion.formats.plan import Plan, plan_blocks, sequential_sub_blocks
 from ffnfusion.io.output import signature
-from ffnfusion.plan import Plan, plan_blocks, sequential_sub_blocks
 
 KEPT_ATTN, KEPT_FFN, REMOVED, FUSED, PARALLEL = "#4c72b0", "#55a868", "#e6e6e6", "#dd8452", "#8172b3"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ffnfusion.analysis.runner import Prefix, SubBlockRunner
-from ffnfusion.analysis.stats import cos_distance_sum
+from ffnfusion.analyze.runner import Prefix, SubBlockRunner
+from ffnfusion.analyze.stats import cos_distance_sum
 
 
 def ffn_dependency_batch(runner: SubBlockRunner, prefix: Prefix, removed: set[int], sums: torch.Tensor) -> None:

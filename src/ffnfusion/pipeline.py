@@ -119,12 +119,12 @@ def _params(fn: Callable[..., Any], exclude: set[str]) -> set[str]:
 
 def stage_options() -> dict[str, set[str]]:
     """Options each stage section accepts: the stage function's parameters, minus those `run` wires itself."""
-    from ffnfusion.analysis import analyze
-    from ffnfusion.bench.measure import bench
-    from ffnfusion.evaluate import evaluate
+    from ffnfusion.analyze import analyze
+    from ffnfusion.bench.stage import bench
+    from ffnfusion.eval.stage import evaluate
     from ffnfusion.fuse import fuse
     from ffnfusion.heal import HealSettings, heal
-    from ffnfusion.planning import search_plan
+    from ffnfusion.plan.search import search_plan
 
     wired = {"model", "out", "overwrite", "log", "show_progress", "progress", "callbacks", "command"}
     return {
@@ -235,15 +235,16 @@ class Run:
     # ---- the stages: thin calls of each stage's own function --------------------------------------------------
 
     def _analyze(self) -> None:
-        from ffnfusion.analysis import analyze
+        from ffnfusion.analyze import analyze
 
         cfg = self.config
         options = {"data": cfg.data, "seed": cfg.seed, "device": cfg.device, **cfg.analyze}
         analyze(cfg.model, self.path("analysis"), overwrite=True, show_progress=True, log=self.log, **options)
 
     def _plan(self) -> None:
-        from ffnfusion.analysis import load_analysis
-        from ffnfusion.planning import CostModel, iterative_rescorer, search_plan, write_plan
+        from ffnfusion.analyze import load_analysis
+        from ffnfusion.analyze.rescore import iterative_rescorer
+        from ffnfusion.plan.search import CostModel, search_plan, write_plan
 
         analysis = load_analysis(self.path("analysis"))
         options = dict(self.config.plan)
@@ -302,7 +303,7 @@ class Run:
             self.log("eval: no eval_data given; scoring perplexity on --data (the text healing trained on)")
             return cfg.data
         from ffnfusion.data import self_generated_texts
-        from ffnfusion.source import load_model, resolve_model
+        from ffnfusion.io.source import load_model, resolve_model
 
         target = self.path("data/eval_self.txt")
         if not target.is_file():
@@ -314,7 +315,7 @@ class Run:
         return str(target)
 
     def _eval(self) -> None:
-        from ffnfusion.evaluate import evaluate
+        from ffnfusion.eval.stage import evaluate
 
         cfg = self.config
         models, labels = [cfg.model, str(self.path("fused"))], ["original", "fused"]
@@ -327,7 +328,7 @@ class Run:
         evaluate(models, reference=cfg.model, labels=labels, out=self.path("eval.json"), **options)
 
     def _bench(self) -> None:
-        from ffnfusion.bench.measure import bench
+        from ffnfusion.bench.stage import bench
 
         cfg = self.config
         bench(cfg.model, compare=[str(self.path("fused"))], out=self.path("bench.json"), log=self.log, **cfg.bench)

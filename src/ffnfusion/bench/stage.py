@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from ffnfusion.bench.engine import DecodeEngine
 from ffnfusion.bench.kernels import TritonOps
+from ffnfusion.formats.plan import Plan
+from ffnfusion.io.device import parse_dtype
 from ffnfusion.io.output import Input, check_output_file, json_format_is
-from ffnfusion.plan import Plan
-from ffnfusion.source import parse_dtype
 
 Log = Callable[[str], None]
 
@@ -223,8 +223,8 @@ class Variant:
 
 
 def _decilm(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
-    from ffnfusion.fuse import fuse_model
     from ffnfusion.modeling.modeling_decilm import DeciLMForCausalLM
+    from ffnfusion.surgery import fuse_model
 
     if isinstance(model, DeciLMForCausalLM):
         if not plan.is_empty:
@@ -262,7 +262,7 @@ def _variants(
         if plan is not None and not plan.is_empty:
             yield lambda: build_random(plan, "fused")
     elif model is not None:
-        from ffnfusion.source import load_model, resolve_model
+        from ffnfusion.io.source import load_model, resolve_model
 
         source = resolve_model(model)
         loaded: dict[str, Any] = {}
@@ -287,7 +287,7 @@ def _variants(
     for other in compare:
 
         def build_other(other: str = other) -> Variant:
-            from ffnfusion.source import load_model, resolve_model
+            from ffnfusion.io.source import load_model, resolve_model
 
             src = resolve_model(other)
             m = load_model(src, dtype, device)

@@ -15,27 +15,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from ffnfusion.adapters import adapter_for
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+from ffnfusion.io.device import parse_dtype
 
 
 class ModelSourceError(ValueError):
     """MODEL does not name a model ffnfusion can open."""
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"Unknown dtype {name!r}: use one of {', '.join(DTYPES)}.")
-    return DTYPES[name]
 
 
 @dataclass
@@ -90,7 +74,7 @@ class ModelSource:
         """
         files = sorted(self.folder.glob("*.safetensors")) if not self.gguf_file else []
         if files:
-            from ffnfusion.checkpoint import LazySafetensors
+            from ffnfusion.io.checkpoint import LazySafetensors
 
             if self._lazy is None:
                 self._lazy = LazySafetensors(self.folder)
@@ -161,7 +145,7 @@ def load_model(
 
     source = source if isinstance(source, ModelSource) else resolve_model(source)
     if source.is_fused_checkpoint:
-        from ffnfusion.checkpoint import verify_fused_checkpoint
+        from ffnfusion.io.checkpoint import verify_fused_checkpoint
 
         verify_fused_checkpoint(source.folder)
     else:

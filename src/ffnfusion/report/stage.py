@@ -17,8 +17,8 @@ from typing import Any
 
 import markdown
 
+from ffnfusion.formats.plan import Plan, plan_blocks, sequential_sub_blocks
 from ffnfusion.io.output import check_output_file, has_signature, signature, signature_line
-from ffnfusion.plan import Plan, plan_blocks, sequential_sub_blocks
 
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
@@ -146,7 +146,7 @@ def build_report(folder: str | Path) -> str:
     if plan is not None and n is not None:
         blocks = plan_blocks(plan, n)
         depth = {"original": 2 * n, "fused": sequential_sub_blocks(blocks)}
-        from ffnfusion.diagram import plot_plan
+        from ffnfusion.report.diagram import plot_plan
 
         plot_plan(plan, n, folder / "plan.png")
         lines += [
@@ -178,7 +178,7 @@ def build_report(folder: str | Path) -> str:
 
     lines += ["## Quality", ""]
     if eval_json:
-        from ffnfusion.evaluate import markdown_table
+        from ffnfusion.eval.stage import markdown_table
 
         lines += [markdown_table(eval_json), ""]
         settings = eval_json["settings"]
@@ -193,7 +193,7 @@ def build_report(folder: str | Path) -> str:
 
     lines += ["## Speed", ""]
     if bench_json:
-        from ffnfusion.bench.measure import markdown_table as bench_table
+        from ffnfusion.bench.stage import markdown_table as bench_table
 
         device = bench_json.get("device", "?")
         lines += [f"Device: {device}; dtype {bench_json.get('dtype')}.", "", bench_table(bench_json), ""]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ffnfusion.analysis.runner import EvalCounter
+from ffnfusion.analyze.runner import EvalCounter
 
 PARTS = ("baseline", "teacher", "ffn_dependency", "block_dependency", "attention")
 

@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from ffnfusion.adapters import adapter_for
-from ffnfusion.analysis.attention import attention_scores_batch, base_totals, finish_attention, teacher_for
-from ffnfusion.analysis.data_parallel import DataParallel
-from ffnfusion.analysis.data_parallel import from_environment as data_parallel_from_environment
-from ffnfusion.analysis.dependency import block_dependency_batch, ffn_dependency_batch, upper_matrix, window_scores
-from ffnfusion.analysis.heatmap import plot_attention, plot_dependency
-from ffnfusion.analysis.runner import SubBlockRunner
-from ffnfusion.analysis.schema import (
+from ffnfusion.analyze.data_parallel import DataParallel
+from ffnfusion.analyze.data_parallel import from_environment as data_parallel_from_environment
+from ffnfusion.analyze.dependency import window_scores
+from ffnfusion.analyze.heatmap import plot_attention, plot_dependency
+from ffnfusion.analyze.identity import getter_fingerprint, model_fingerprint, model_identity
+from ffnfusion.analyze.measure import Measurements, measure, planned_evals
+from ffnfusion.data import DataError, calibration_tokens
+from ffnfusion.formats.analysis import (
     Analysis,
     AttentionScore,
     Calibration,
@@ -35,20 +36,17 @@ from ffnfusion.analysis.schema import (
     Window,
     config_hash,
 )
-from ffnfusion.analysis.stats import sub_block_stats_sums
-from ffnfusion.checkpoint import atomic_output_dir
-from ffnfusion.data import DataError, calibration_tokens
+from ffnfusion.formats.plan import Plan, validate_plan
+from ffnfusion.io.checkpoint import atomic_output_dir
+from ffnfusion.io.device import device_name, resolve_device, resolve_dtype
 from ffnfusion.io.output import check_output_dir
-from ffnfusion.plan import Plan, validate_plan
-from ffnfusion.source import (
+from ffnfusion.io.source import (
     ModelSource,
     ModelSourceError,
     dispatched_loader,
     load_model,
-    parse_dtype,
     resolve_model,
 )
-from ffnfusion.surgery import ffn_widths
 
 PARTS = ("baseline", "teacher", "ffn_dependency", "block_dependency", "attention")
 HEATMAPS = {
@@ -65,29 +63,6 @@ class AnalyzeResult:
     seconds: float  # everything: loading, tokenizing, measuring, writing
     measure_seconds: float  # the measurements alone
     device: str
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu.")
-    if not device.startswith(("cpu", "cuda")):
-        raise ValueError(f"--device {device}: use cpu or cuda (or cuda:N).")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 where the hardware computes it natively (CUDA, CPUs with AMX or AVX512-BF16), else float32.
-
-    On CPUs without bf16 units, bf16 matmuls are emulated and slower than float32.
-    """
-    if dtype not in (None, "auto"):
-        return parse_dtype(dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return torch.bfloat16 if any(f() for f in native) else torch.float32
 
 
 def parse_layers(spec: str | Iterable[int] | None) -> list[int]:
@@ -109,155 +84,6 @@ def parse_layers(spec: str | Iterable[int] | None) -> list[int]:
                 f"cannot read layer list {spec!r}: use comma-separated indices and ranges, e.g. 12,13,20-23"
             ) from None
     return sorted(out)
-
-
-def model_identity(spec: str, decilm_config: dict[str, Any], fingerprint: str = "") -> ModelIdentity:
-    return ModelIdentity(
-        name=spec,
-        model_type=decilm_config["source_model_type"],
-        num_layers=len(decilm_config["block_configs"]),
-        hidden_size=decilm_config["hidden_size"],
-        num_attention_heads=decilm_config["num_attention_heads"],
-        num_key_value_heads=decilm_config["num_key_value_heads"],
-        ffn_widths=ffn_widths(decilm_config),
-        has_o_bias=bool(decilm_config.get("attention_bias")),
-        config_hash=config_hash(decilm_config),
-        weights_fingerprint=fingerprint,
-    )
-
-
-FINGERPRINT_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "mlp.down_proj.weight")
-
-
-def fingerprint_names(num_layers: int) -> list[str]:
-    """The DeciLM tensors the fingerprint hashes: the embeddings, the first q_proj and the last down_proj."""
-    return [*FINGERPRINT_TENSORS[:2], f"model.layers.{num_layers - 1}.{FINGERPRINT_TENSORS[2]}"]
-
-
-def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
-    """sha256 of fixed slices of the tensors, rounded to bf16 so a float32 and a bf16 load of one model agree."""
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(t.detach().flatten()[:4096].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def getter_fingerprint(get: Callable[[str], torch.Tensor], num_layers: int, dtype: torch.dtype) -> str:
-    """The fingerprint read tensor by tensor from a checkpoint, in the analysis dtype (what streaming hashes)."""
-    return weights_fingerprint(get(name).to(dtype) for name in fingerprint_names(num_layers))
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    params = dict(model.named_parameters())
-    return weights_fingerprint(params[name] for name in fingerprint_names(len(model.model.layers)))
-
-
-def planned_evals(num_layers: int, removed: set[int]) -> dict[str, int]:
-    """Sub-block evaluations per batch of each part (what the runner will count): the progress bar's total."""
-    per_layer = [1 + (i not in removed) for i in range(num_layers)]
-    suffix = [sum(per_layer[j:]) for j in range(num_layers + 1)]
-    matrix = sum(suffix[i + 1] for i in range(num_layers - 1))
-    return {
-        "baseline": suffix[0],
-        "teacher": 2 * num_layers if removed else 0,
-        "ffn_dependency": matrix,
-        "block_dependency": matrix,
-        "attention": sum(1 + suffix[i + 1] for i in range(num_layers) if i not in removed),
-    }
-
-
-@dataclass
-class Measurements:
-    stats: torch.Tensor  # [L, 3 (attention, ffn, block), 2 (rel_norm, cos_distance)] token means
-    ffn: list[list[float | None]]
-    block: list[list[float | None]]
-    attention: Any  # AttentionResult
-    counter: Any  # EvalCounter
-    batches: int
-
-
-def new_sums(num_layers: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """float64 sums over calibration tokens of everything analysis.json averages."""
-    n = num_layers
-
-    def zeros(*shape: int) -> torch.Tensor:
-        return torch.zeros(*shape, dtype=torch.float64, device=device)
-
-    # stats: [L, 3 (attention, ffn, block), 2 (rel_norm, cos_distance)]; totals: original ce, base ce, base kl.
-    return {
-        "stats": zeros(n, 3, 2),
-        "ffn": zeros(n, n),
-        "block": zeros(n, n),
-        "kl": zeros(n),
-        "ce": zeros(n),
-        "totals": zeros(3),
-    }
-
-
-def finish_measurements(
-    sums: dict[str, torch.Tensor],
-    tokens: torch.Tensor,
-    candidates: list[int],
-    counter: Any,
-    batches: int,
-    dp: DataParallel | None = None,
-) -> Measurements:
-    """Token means from the sums (after adding up every process's share under data parallelism)."""
-    if dp is not None:
-        batches = dp.all_reduce(sums, counter, batches)
-    count = tokens.numel()
-    return Measurements(
-        stats=(sums["stats"] / count).cpu(),
-        ffn=upper_matrix(sums["ffn"].cpu(), count),
-        block=upper_matrix(sums["block"].cpu(), count),
-        attention=finish_attention(tokens, candidates, sums["kl"], sums["ce"], sums["totals"]),
-        counter=counter,
-        batches=batches,
-    )
-
-
-@torch.inference_mode()
-def measure(
-    model: torch.nn.Module,
-    tokens: torch.Tensor,
-    removed: set[int],
-    batch_size: int,
-    tick: Callable[[int], None] | None = None,
-    dp: DataParallel | None = None,
-) -> Measurements:
-    """Everything analysis.json holds, from a DeciLM model with one plain layer per original layer.
-
-    With `dp`, this process measures its share of the batches and the sums are added up over the processes.
-    """
-    runner = SubBlockRunner(model, tick)
-    n, device = runner.num_layers, runner.device
-    sums = new_sums(n, device)
-    stats = sums["stats"]
-    candidates = [i for i in range(n) if i not in removed]
-    batches = 0
-    for index, first in enumerate(range(0, tokens.shape[0], batch_size)):
-        if dp is not None and not dp.mine(index):
-            continue
-        batches += 1
-        ids = tokens[first : first + batch_size].to(device)
-        runner.part = "baseline"
-        prefix = runner.prefix(ids, removed)
-        for i in range(n):
-            if prefix.attn_out[i] is not None:
-                stats[i, 0] += sub_block_stats_sums(prefix.attn_out[i], prefix.attn_in[i])
-            stats[i, 1] += sub_block_stats_sums(prefix.ffn_out[i], prefix.ffn_in[i])
-            block = prefix.ffn_out[i].float() + (0 if prefix.attn_out[i] is None else prefix.attn_out[i].float())
-            stats[i, 2] += sub_block_stats_sums(block, prefix.attn_in[i])
-        teacher = teacher_for(runner, ids, prefix, removed)
-        base_totals(runner, prefix.attn_in[-1], teacher, removed, sums["totals"])
-        runner.part = "ffn_dependency"
-        ffn_dependency_batch(runner, prefix, removed, sums["ffn"])
-        runner.part = "block_dependency"
-        block_dependency_batch(runner, prefix, removed, sums["block"])
-        runner.part = "attention"
-        attention_scores_batch(runner, prefix, removed, candidates, teacher, sums["kl"], sums["ce"])
-        del prefix, teacher
-    return finish_measurements(sums, tokens, candidates, runner.counter, batches, dp)
 
 
 def _cost(m: Measurements, num_layers: int, removed: set[int]) -> Cost:
@@ -474,7 +300,7 @@ def analyze(
         say(f"loading {model} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
         hf_model = load_model(source, torch_dtype, dev)
         tokens = calibrate(hf_model)
-        from ffnfusion.fuse import fuse_model
+        from ffnfusion.surgery import fuse_model
 
         decilm = fuse_model(hf_model, Plan())
         del hf_model
@@ -557,7 +383,7 @@ def _measure_streamed(
     The sums are saved after every pass over the weights beside `out`; running the same command again after a crash
     resumes at the next pass.
     """
-    from ffnfusion.analysis.streamed import LayerLoader, PassProgress, measure_streamed, plan_streaming
+    from ffnfusion.analyze.streamed import LayerLoader, PassProgress, measure_streamed, plan_streaming
 
     num_layers = len(decilm_config["block_configs"])
     if source.gguf_file:
@@ -596,9 +422,3 @@ def _measure_streamed(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return m, identity, tokens, time.perf_counter() - started
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -9,7 +9,7 @@ from typing import Any
 
 import datasets
 
-from ffnfusion.tasks import load_docs, task_data_dir
+from ffnfusion.eval.tasks import load_docs, task_data_dir
 
 
 def _split(task: str, split: str, **metadata: Any) -> datasets.DatasetDict:

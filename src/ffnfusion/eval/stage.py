@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ffnfusion.io.device import resolve_device
 from ffnfusion.io.output import Input, check_output_file, json_format_is
 
 
@@ -205,7 +206,7 @@ def resolve_tasks(names: list[str], task_data_dir: str | Path | None) -> list[tu
     lambada_openai, mmlu) run ffnfusion's local definitions on the files found there; every other name, and the
     standard names without a data folder, must be an lm-eval task (which downloads its dataset from the hub).
     """
-    from ffnfusion.tasks import ALIASES, LOCAL_TASKS
+    from ffnfusion.eval.tasks import ALIASES, LOCAL_TASKS
 
     resolved, local_names = [], set(LOCAL_TASKS.values())
     for raw in names:
@@ -230,7 +231,7 @@ def task_manager(tasks: list[tuple[str, str]], task_data_dir: str | Path | None)
     """
     from lm_eval.tasks import TaskManager
 
-    from ffnfusion.tasks import LOCAL_TASKS, TASKS_DIR, check_task_files
+    from ffnfusion.eval.tasks import LOCAL_TASKS, TASKS_DIR, check_task_files
 
     local = set(LOCAL_TASKS.values())
     needs_hub = any(lm not in local for _, lm in tasks)
@@ -361,14 +362,6 @@ def same_tokenizer(a: Any, b: Any) -> str | None:
     return None
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {device}: CUDA is not available on this machine.")
-    return device
-
-
 def check_eval_output(out: str | Path, inputs: Iterable[Input]) -> None:
     """Refuse an eval.json (or the eval.md beside it) that is an input or a file an earlier eval did not write."""
     out = Path(out)
@@ -405,7 +398,8 @@ def evaluate(
     checked (models found, tokenizers consistent, tasks known, task files readable) before the first model loads.
     """
     from ffnfusion.data import load_texts, tokenize_stream
-    from ffnfusion.source import load_model, parse_dtype, resolve_model
+    from ffnfusion.io.device import parse_dtype
+    from ffnfusion.io.source import load_model, resolve_model
 
     if not models:
         raise EvalError("name at least one model to evaluate.")
@@ -419,7 +413,7 @@ def evaluate(
         raise EvalError(f"--max-tokens must be at least 2 (got {max_tokens}).")
     sliding_windows(max(context_len, 2), context_len, stride)  # validates context/stride before anything loads
     torch_dtype = parse_dtype(dtype)
-    device = _resolve_device(device)
+    device = str(resolve_device(device))
     names = _labels(models, labels)
     sources = [resolve_model(m) for m in models]
     ref_source = resolve_model(reference) if reference is not None else None

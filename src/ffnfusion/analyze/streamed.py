@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
-from ffnfusion.analysis.attention import base_totals
-from ffnfusion.analysis.data_parallel import DataParallel
-from ffnfusion.analysis.dependency import block_contribution
-from ffnfusion.analysis.runner import SubBlockRunner, next_token_targets
-from ffnfusion.analysis.stats import cos_distance_sum, sub_block_stats_sums
-from ffnfusion.plan import Plan, plan_blocks
+from ffnfusion.analyze.attention import base_totals
+from ffnfusion.analyze.data_parallel import DataParallel
+from ffnfusion.analyze.dependency import block_contribution
+from ffnfusion.analyze.measure import finish_measurements, new_sums
+from ffnfusion.analyze.runner import SubBlockRunner, next_token_targets
+from ffnfusion.analyze.stats import cos_distance_sum, sub_block_stats_sums
+from ffnfusion.formats.plan import Plan, plan_blocks
 from ffnfusion.surgery import TensorGetter, block_tensors
 
 # Device memory left free for the working set of one batch: a layer's temporaries, logits chunks, teacher probs.
@@ -274,7 +275,6 @@ def measure_streamed(
     `dp`, this process streams its share of the batches and the sums are added up over the processes. With
     matrices=False only the statistics and attention scores are measured (what iterative planning re-scores).
     """
-    from ffnfusion.analysis.run import finish_measurements, new_sums
 
     all_tokens = tokens
     if dp is not None:

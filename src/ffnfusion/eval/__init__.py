@@ -1,0 +1,1 @@
+"""The `eval` stage: models + text + tasks -> eval.json / eval.md (perplexity, fidelity, zero-shot tasks)."""
