@@ -48,6 +48,12 @@ def describe_error(error: BaseException) -> str:
         paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
         where = " -> ".join(paths) if paths else "(the operating system did not say which file)"
         hint = _OS_ERROR_HINTS.get(error.errno)
+        if error.errno in (errno.EEXIST, errno.ENOTDIR) and error.filename is not None:
+            # mkdir below an existing file: name the file that is in the way.
+            path = Path(os.fsdecode(error.filename))
+            blocker = next((p for p in (path, *path.parents) if p.is_file()), None)
+            if blocker is not None:
+                hint = f"{blocker} is a file, not a folder: choose a location (--out) that is not below a file"
         problem = f"{error.strerror} [errno {errno.errorcode.get(error.errno, error.errno)}]"
         return f"{where}: {problem}" + (f"; {hint}." if hint else ".")
     if isinstance(error, KeyError) and len(error.args) == 1:
