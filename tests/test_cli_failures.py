@@ -115,7 +115,10 @@ CASES = [
     Case("file too large", fuse_args, ["{parent}", "File too large", "another disk"], patch_write(errno.EFBIG)),
     Case("read-only", fuse_args, ["{parent}", "Read-only file system", "writable location"], patch_write(errno.EROFS)),
     Case(
-        "permission denied", fuse_args, ["{parent}", "Permission denied", "fix its permissions"], patch_write(errno.EACCES)
+        "permission denied",
+        fuse_args,
+        ["{parent}", "Permission denied", "fix its permissions"],
+        patch_write(errno.EACCES),
     ),
     Case(
         "out below a file",
