@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import re
 import shutil
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +44,7 @@ SETTINGS_FILE = "heal_settings.json"
 CHECKPOINTS_VERB = "heal (checkpoints)"
 CURVE_FILE = "loss_curve.png"
 SCOPES = ("all", "changed")
+log = logging.getLogger(__name__)
 
 
 class HealError(ValueError):
@@ -280,6 +284,22 @@ def _check_vocabularies(student_config: dict[str, Any], teacher_config: Any, s_t
             )
 
 
+def _check_widths(student_config: dict[str, Any], teacher_config: Any, student: str, teacher: str) -> None:
+    """The cosine term compares the final hidden states, so both models must have the same hidden size."""
+    s_hidden, t_hidden = student_config.get("hidden_size"), getattr(teacher_config, "hidden_size", None)
+    if s_hidden is None or t_hidden is None or s_hidden == t_hidden:
+        return
+    s_blocks = len(student_config.get("block_configs") or [])
+    t_layers = getattr(teacher_config, "num_hidden_layers", "?")
+    raise HealError(
+        f"student and teacher have different hidden sizes: the student {student} has hidden_size {s_hidden} "
+        f"({s_blocks} blocks), the teacher {teacher} has hidden_size {t_hidden} ({t_layers} layers). Distillation "
+        "compares their final hidden states (cosine loss) and next-token distributions position by position, so "
+        "the student must be fused from this teacher: pass the original model the student was fused from as "
+        "--teacher."
+    )
+
+
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
     """TrainingArguments keys for activation checkpointing, under the name this transformers version uses."""
     if not enabled:
@@ -336,6 +356,78 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str = "") 
     plt.close(fig)
 
 
+def _unreadable_zip(path: Path) -> bool:
+    """True for a torch.save file (a zip archive) that is missing or cut short (its central directory is at the end)."""
+    try:
+        with zipfile.ZipFile(path):
+            return False
+    except (OSError, zipfile.BadZipFile):
+        return True
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from (half-written: missing or truncated files), or None."""
+    state = folder / "trainer_state.json"
+    try:
+        if "global_step" not in json.loads(state.read_text()):
+            return f"{state.name} has no global_step"
+    except (OSError, ValueError):
+        return f"{state.name} is missing or not complete JSON"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weights = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"{index.name} is not complete JSON"
+    else:
+        weights = [folder / "model.safetensors"]
+    fsdp = any(folder.glob("pytorch_model_fsdp*")) or any(folder.glob("optimizer_*"))
+    if not fsdp:
+        if (folder / "pytorch_model.bin").is_file() and not (folder / "model.safetensors").exists():
+            if _unreadable_zip(folder / "pytorch_model.bin"):
+                return "pytorch_model.bin is truncated"
+        else:
+            from safetensors import safe_open
+
+            for file in weights:
+                try:
+                    with safe_open(file, framework="pt") as f:
+                        f.keys()
+                except Exception:
+                    return f"{file.name} is missing or truncated"
+        if _unreadable_zip(folder / "optimizer.pt"):
+            return "optimizer.pt is missing or truncated"
+    for name in ("scheduler.pt", "rng_state.pth"):
+        if (folder / name).exists() and _unreadable_zip(folder / name):
+            return f"{name} is truncated"
+    return None
+
+
+def _resumable_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest complete checkpoint; half-written newer ones are skipped with a warning naming them."""
+    numbered = [
+        (int(m.group(1)), p)
+        for p in checkpoint_dir.iterdir()
+        if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+    ]
+    skipped = []
+    for _, folder in sorted(numbered, reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            for bad, why in skipped:
+                log.warning("--resume: skipping half-written checkpoint %s (%s); resuming from %s.", bad, why, folder)
+            return str(folder)
+        skipped.append((folder, problem))
+    listing = "; ".join(f"{bad.name}: {why}" for bad, why in skipped)
+    log.warning(
+        "--resume: no complete checkpoint in %s (%s): starting from scratch (step 0). The half-written folders are "
+        "replaced as training reaches their steps.",
+        checkpoint_dir,
+        listing,
+    )
+    return None
+
+
 def _check_resume(checkpoint_dir: Path, settings: HealSettings, resume: bool) -> str | None:
     """The checkpoint to resume from (None for a fresh run); refuses to mix runs with different settings."""
     saved = checkpoint_dir / SETTINGS_FILE
@@ -358,7 +450,7 @@ def _check_resume(checkpoint_dir: Path, settings: HealSettings, resume: bool) ->
                 f"--resume: settings differ from the interrupted run ({', '.join(differ)}); resume with the same "
                 "settings or start a new run."
             )
-    return last
+    return _resumable_checkpoint(checkpoint_dir)
 
 
 def heal(
@@ -399,6 +491,7 @@ def heal(
     t_config = t_source.config()
     s_tok, t_tok = s_source.tokenizer(), t_source.tokenizer()
     _check_vocabularies(student_config, t_config, s_tok, t_tok)
+    _check_widths(student_config, t_config, str(student), str(teacher))
     tokenizer = s_tok or t_tok
     if tokenizer is None:
         raise HealError("neither the student nor the teacher folder holds a tokenizer; the text cannot be tokenized.")

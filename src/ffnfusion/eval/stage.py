@@ -224,6 +224,104 @@ def resolve_tasks(names: list[str], task_data_dir: str | Path | None) -> list[tu
     return resolved
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used for downloads (offline mode, no connection), or None.
+
+    A connection is tried only without a proxy (through a proxy, the download itself has to tell).
+    """
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return f"{var}={os.environ[var]} is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e})"
+    return None
+
+
+def _hub_cached(dataset: str) -> bool:
+    """Whether a hub dataset is in the local caches (then `datasets` can use it without the hub), or a local path."""
+    if Path(dataset).expanduser().exists():
+        return True
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}"
+    home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+    prepared = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")).expanduser() / dataset.replace("/", "___")
+    return hub.is_dir() or prepared.is_dir()
+
+
+def _hub_datasets(lm_name: str, manager: Any, depth: int = 0) -> list[str]:
+    """The hub datasets an lm-eval task (or group: its members') loads, from its config (best effort)."""
+    from ffnfusion.eval.tasks import HUB_DATASETS
+
+    if lm_name in HUB_DATASETS:
+        return list(HUB_DATASETS[lm_name])
+    entry = getattr(manager, "task_index", {}).get(lm_name) if manager is not None else None
+    config = getattr(entry, "cfg", None) or (entry.get("cfg") if isinstance(entry, dict) else None) or {}
+    if not isinstance(config, dict):
+        return []
+    if isinstance(config.get("dataset_path"), str):
+        return [config["dataset_path"]]
+    found: list[str] = []
+    members = config.get("task")
+    if depth < 3 and isinstance(members, list):
+        for member in members:
+            if isinstance(member, str):
+                found += [d for d in _hub_datasets(member, manager, depth + 1) if d not in found]
+    return found
+
+
+def check_task_downloads(tasks: list[tuple[str, str]], manager: Any = None) -> None:
+    """Refuse, before any model loads, tasks whose dataset must come from an unreachable hub; say what to do instead.
+
+    Without `manager`, only the standard task names are checked (their datasets are known without indexing lm-eval's
+    tasks, which takes a while); with it, every lm-eval task whose config names a dataset.
+    """
+    from ffnfusion.eval.tasks import FILE_HELP, LOCAL_TASKS
+
+    local = set(LOCAL_TASKS.values())
+    needs = {}
+    for shown, lm in tasks:
+        if lm in local:
+            continue
+        missing = [d for d in _hub_datasets(lm, manager) if not _hub_cached(d)]
+        if missing:
+            needs[shown] = missing
+    if not needs:
+        return
+    why = _hub_unreachable()
+    if why is None:
+        return
+    lines = [f"  - {task}: the dataset {', '.join(ds)}" for task, ds in needs.items()]
+    fixes = [f"  - {task}: {FILE_HELP[task]}" for task in needs if task in FILE_HELP]
+    message = (
+        f"the Hugging Face hub cannot be used ({why}), and these tasks need a download that is not in the local "
+        "cache:\n" + "\n".join(lines)
+    )
+    if fixes:
+        message += (
+            "\nRun them from local files instead: put these files in a folder (any sub-folder will do) and pass "
+            "--task-data-dir FOLDER:\n" + "\n".join(fixes)
+        )
+    others = [task for task in needs if task not in FILE_HELP]
+    if others:
+        message += (
+            f"\n{', '.join(others)} cannot read local files: download the dataset once where the hub is reachable "
+            "(it is kept in the Hugging Face cache), or leave the task out of --tasks."
+        )
+    raise EvalError(message)
+
+
 def task_manager(tasks: list[tuple[str, str]], task_data_dir: str | Path | None) -> Any:
     """An lm-eval TaskManager that knows the local tasks, and lm-eval's own ones when any are asked for.
 
@@ -235,6 +333,10 @@ def task_manager(tasks: list[tuple[str, str]], task_data_dir: str | Path | None)
 
     local = set(LOCAL_TASKS.values())
     needs_hub = any(lm not in local for _, lm in tasks)
+    if needs_hub:
+        check_task_downloads(tasks)  # the standard names, before lm-eval indexes its tasks
+
+
     metadata = {"task_data_dir": str(Path(task_data_dir).expanduser())} if task_data_dir is not None else {}
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_hub, metadata=metadata)
     unknown = [shown for shown, lm in tasks if lm not in manager.all_tasks]
@@ -243,6 +345,8 @@ def task_manager(tasks: list[tuple[str, str]], task_data_dir: str | Path | None)
             f"unknown task(s): {', '.join(unknown)}. Local tasks (with --task-data-dir): {', '.join(LOCAL_TASKS)}; "
             "other names must be lm-eval tasks (`lm_eval ls tasks` lists them)."
         )
+    if needs_hub:
+        check_task_downloads(tasks, manager)
     if task_data_dir is not None:
         standard = {v: k for k, v in LOCAL_TASKS.items()}
         check_task_files([standard[lm] for _, lm in tasks if lm in local], Path(task_data_dir).expanduser())

@@ -61,7 +61,7 @@ def _check_parents(out: Path, error: Error) -> None:
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise error(f"Cannot create {out}: {parent} is a file, not a folder. Choose another output.")
+                raise error(f"Cannot create {out}: {parent} is a file, not a folder. Choose another --out.")
             return
 
 

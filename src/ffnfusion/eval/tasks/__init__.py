@@ -111,6 +111,28 @@ FILE_NAMES = {
 }
 
 
+# What to put under --task-data-dir for each standard task (said when its hub download is impossible).
+FILE_HELP = {
+    "hellaswag": "hellaswag_val_full.txt (or .txt.bz2; llama.cpp's file: 6 lines per item)",
+    "arc_easy": 'arc_easy.jsonl (llm-foundry: {"query", "choices", "gold"} per line)',
+    "arc_challenge": 'arc_challenge.jsonl (llm-foundry: {"query", "choices", "gold"} per line)',
+    "piqa": 'piqa.jsonl (llm-foundry: {"query", "choices" (2), "gold"} per line)',
+    "winogrande": 'winogrande.jsonl (llm-foundry: {"context_options", "continuation", "gold"} per line)',
+    "lambada_openai": 'lambada_openai.jsonl (llm-foundry: {"context", "continuation"} per line)',
+    "mmlu": "<subject>_test.csv for each of the 57 subjects (header question,choice0..choice3,answer)",
+}
+# The hub dataset behind lm-eval's standard task of the same name (what it would download).
+HUB_DATASETS = {
+    "hellaswag": ("Rowan/hellaswag",),
+    "arc_easy": ("allenai/ai2_arc",),
+    "arc_challenge": ("allenai/ai2_arc",),
+    "piqa": ("baber/piqa",),
+    "winogrande": ("allenai/winogrande",),
+    "lambada_openai": ("EleutherAI/lambada_openai",),
+    "mmlu": ("cais/mmlu",),
+}
+
+
 def task_data_dir(metadata: dict[str, Any]) -> Path:
     """The folder of local task files, from the task metadata lm-eval passes to a custom dataset."""
     value = metadata.get("task_data_dir")
