@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ffnfusion.io.output import write_atomic
+
 TEXT_SUFFIXES = {".txt", ".raw", ".md", ".text", ""}
 TABLE_SUFFIXES = {".jsonl", ".json", ".parquet"}
 
@@ -168,10 +170,7 @@ def self_generated_texts(
             max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=tokenizer.eos_token_id,
         )
         texts.extend(tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tmp.rename(cache)
+    write_atomic(cache, "".join(json.dumps({"text": t}) + "\n" for t in texts))
     return texts
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ffnfusion.io.output import Input, check_output_dir, write_marker
+from ffnfusion.io.output import Input, check_output_dir, write_atomic, write_marker
 
 STAGES = ("analyze", "plan", "fuse", "heal", "eval", "bench", "report")
 UPSTREAM = {
@@ -159,9 +159,7 @@ class Run:
 
     def _save_state(self) -> None:
         self.state["config"] = self.config.model_dump()
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, default=str) + "\n")
-        tmp.replace(self.state_file)
+        write_atomic(self.state_file, json.dumps(self.state, indent=2, default=str) + "\n")
 
     def stage_key(self, stage: str) -> str:
         cfg = self.config

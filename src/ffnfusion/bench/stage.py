@@ -10,10 +10,8 @@ from __future__ import annotations
 import datetime
 import gc
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -28,7 +26,7 @@ from ffnfusion.bench.engine import DecodeEngine
 from ffnfusion.bench.kernels import TritonOps
 from ffnfusion.formats.plan import Plan
 from ffnfusion.io.device import parse_dtype
-from ffnfusion.io.output import Input, check_output_file, json_format_is
+from ffnfusion.io.output import Input, check_output_file, json_format_is, write_atomic
 
 Log = Callable[[str], None]
 
@@ -401,16 +399,7 @@ def check_bench_output(out: str | Path, inputs: Iterable[Input]) -> Path:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def bench(

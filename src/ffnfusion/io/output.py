@@ -14,6 +14,8 @@ bench.json, report files) before any long work starts. The rules:
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -180,3 +182,18 @@ def has_signature(verb: str) -> Callable[[Path], bool]:
             return False
 
     return recognise
+
+
+def write_atomic(path: str | Path, content: str | bytes) -> Path:
+    """Write a file under a temporary name beside it and rename it into place: a crash leaves the old file or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

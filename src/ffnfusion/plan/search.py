@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ffnfusion.analyze.rescore import Rescorer
 from ffnfusion.formats.analysis import Analysis
 from ffnfusion.formats.plan import ENGINE_WIDTH_MULTIPLE, Block, Plan, plan_blocks, sequential_sub_blocks, validate_plan
-from ffnfusion.io.output import Input, check_output_file
+from ffnfusion.io.output import Input, check_output_file, write_atomic
 
 SPLIT_ALGORITHM = (
     "dynamic programming per run: fewest groups of <= max_group FFNs, then least total in-group dependency sum(M[i][j])"
@@ -396,11 +395,7 @@ def write_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> Path:
     """Write plan.json atomically (a temporary file renamed into place)."""
     out = Path(out)
     check_plan_output(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    tmp.write_text(plan.model_dump_json(indent=2) + "\n")
-    tmp.replace(out)
-    return out
+    return write_atomic(out, plan.model_dump_json(indent=2) + "\n")
 
 
 def check_model(analysis: Analysis, model: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import markdown
 
 from ffnfusion.formats.plan import Plan, plan_blocks, sequential_sub_blocks
-from ffnfusion.io.output import check_output_file, has_signature, signature, signature_line
+from ffnfusion.io.output import check_output_file, has_signature, signature, signature_line, write_atomic
 
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
@@ -238,9 +237,5 @@ def write_report(folder: str | Path) -> tuple[Path, Path]:
     page += f"<body>\n{_inline_images(body, folder)}\n</body></html>\n"
     outputs = []
     for name, content in (("report.md", text), ("report.html", page)):
-        target = folder / name
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(content, encoding="utf-8")
-        tmp.replace(target)
-        outputs.append(target)
+        outputs.append(write_atomic(folder / name, content))
     return outputs[0], outputs[1]
