@@ -13,7 +13,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,8 +24,16 @@ class PlanError(ValueError):
     """A plan that cannot be applied to the model; the message lists every problem found."""
 
 
+PLAN_FORMAT = "ffnfusion-plan"
+PLAN_VERSION = 1
+
+
 class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    # Optional on reading: hand-written plans and plans from before the field existed carry neither.
+    format: Literal["ffnfusion-plan"] = PLAN_FORMAT
+    version: int = Field(default=PLAN_VERSION, ge=1, le=PLAN_VERSION)
 
     remove_attention: list[int] = Field(default_factory=list, description="layers whose attention becomes a no-op")
     remove_ffn: list[int] = Field(default_factory=list, description="layers whose FFN becomes a no-op")
@@ -43,7 +51,13 @@ class Plan(BaseModel):
         if not path.is_file():
             raise PlanError(f"Plan file not found: {path}")
         try:
-            return cls.model_validate(json.loads(path.read_text()))
+            raw = json.loads(path.read_text())
+            if isinstance(raw, dict) and raw.get("format", PLAN_FORMAT) != PLAN_FORMAT:
+                raise PlanError(
+                    f"{path} is not a plan: it is a {raw['format']!r} file. Give --plan the plan.json that "
+                    "`ffnfusion plan` wrote (or a hand-written one)."
+                )
+            return cls.model_validate(raw)
         except json.JSONDecodeError as e:
             raise PlanError(f"Plan file {path} is not valid JSON: {e}") from None
         except ValidationError as e:
