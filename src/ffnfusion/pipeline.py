@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ffnfusion.formats.run import load_run_state
 from ffnfusion.io.output import Input, check_output_dir, write_atomic, write_marker
 
 STAGES = ("analyze", "plan", "fuse", "heal", "eval", "bench", "report")
@@ -149,9 +150,7 @@ class Run:
         self.dir = Path(out).resolve()
         self.log = log
         self.state_file = self.dir / "run.json"
-        self.state: dict[str, Any] = {"stages": {}}
-        if self.state_file.is_file():
-            self.state = json.loads(self.state_file.read_text())
+        self.state: dict[str, Any] = load_run_state(self.state_file)
         self.keys: dict[str, str] = {}
 
     def path(self, relative: str) -> Path:

@@ -24,14 +24,12 @@ import torch.nn.functional as F
 
 from ffnfusion.bench.engine import DecodeEngine
 from ffnfusion.bench.kernels import TritonOps
+from ffnfusion.formats.bench import BENCH_FORMAT, BENCH_VERSION, is_bench_file
 from ffnfusion.formats.plan import Plan
 from ffnfusion.io.device import parse_dtype
-from ffnfusion.io.output import Input, check_output_file, json_format_is, write_atomic
+from ffnfusion.io.output import Input, check_output_file, write_atomic
 
 Log = Callable[[str], None]
-
-BENCH_FORMAT = "ffnfusion-bench"
-BENCH_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------- primitives
@@ -380,17 +378,6 @@ def _device_info(device: torch.device) -> dict[str, Any]:
     else:
         info["device"] = "cpu"
     return info
-
-
-def is_bench_file(path: Path) -> bool:
-    """Whether `path` holds an earlier bench.json (older ones carry no `format`: recognised by their keys)."""
-    if json_format_is(BENCH_FORMAT)(path):
-        return True
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and {"date", "command", "torch"} <= raw.keys() and ("models" in raw or "tp" in raw)
 
 
 def check_bench_output(out: str | Path, inputs: Iterable[Input]) -> Path:

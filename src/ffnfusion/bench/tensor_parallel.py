@@ -390,7 +390,8 @@ def bench_tp_stage(
     from pathlib import Path
 
     from ffnfusion.bench.shapes import shape_config
-    from ffnfusion.bench.stage import BENCH_FORMAT, BENCH_VERSION, check_bench_output, write_json_atomic
+    from ffnfusion.bench.stage import check_bench_output, write_json_atomic
+    from ffnfusion.formats.bench import BENCH_FORMAT, BENCH_VERSION
     from ffnfusion.io.device import parse_dtype
 
     if tp < 1:
