@@ -98,8 +98,8 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 # Elements of one [tokens, vocab] temporary: a batch's scored positions are reduced this many logits at a time
-# (2**23 float64 values = 64 MiB; 55 tokens at a 152k vocabulary, 170 at 49k), so memory depends neither on the
-# number of windows nor on the batch size.
+# (2**23 fp32 values = 32 MiB, a handful of them alive at once; 55 tokens at a 152k vocabulary, 170 at 49k), so
+# memory depends neither on the number of windows nor on the batch size.
 _CHUNK_ELEMENTS = 2**23
 
 
