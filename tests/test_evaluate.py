@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -150,3 +151,141 @@ def test_decilm_models_are_scored_like_their_original():
     assert fidelity(same, original, stream, 32, 16, progress=False)["kl"] == pytest.approx(0, abs=1e-6)
     out = fidelity(fused, original, stream, 32, 16, progress=False)
     assert out["kl"] > 1e-4 and out["tokens"] == 79
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numerics against float64, and memory bounded by chunking (issues 13 and 18)
+
+
+def _large_vocab_model(seed: int, vocab: int = 50_000) -> torch.nn.Module:
+    """A tiny random Llama with a large vocabulary and large logits, where fp32 vocabulary sums go wrong."""
+    model = tiny_model(
+        "llama",
+        seed=seed,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    return model
+
+
+def _perturbed(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+    """A copy of `model` with every weight moved by noise `scale` times its own RMS: close enough to agree on
+    some top-1 tokens, different enough for a clearly non-zero KL."""
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.pow(2).mean().sqrt())
+    return other
+
+
+def _float64_reference(
+    model: torch.nn.Module, reference: torch.nn.Module, stream: torch.Tensor, ctx: int, stride: int
+) -> tuple[float, float, float, int]:
+    """(mean NLL of model, mean KL(reference || model), top-1 agreement, tokens): each window run on its own through
+    the model's whole forward, everything after the logits in float64."""
+    nll = kl = 0.0
+    agree = count = 0
+    for w in sliding_windows(len(stream), ctx, stride):
+        ids = stream[w.begin : w.end][None]
+        keep = slice(w.score_from - w.begin - 1, None)  # logit at position p predicts token begin + p + 1
+        with torch.no_grad():
+            logq = F.log_softmax(model(input_ids=ids).logits[0, :-1][keep].double(), dim=-1)
+            logp = F.log_softmax(reference(input_ids=ids).logits[0, :-1][keep].double(), dim=-1)
+        targets = stream[w.score_from : w.end]
+        nll -= float(logq[torch.arange(len(targets)), targets].sum())
+        kl += float((logp.exp() * (logp - logq)).sum())
+        agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+        count += len(targets)
+    return nll / count, kl / count, agree / count, count
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "ctx", "stride", "batch_size"), [(33, 32, 32, 1), (200, 32, 32, 3), (150, 24, 10, 4)]
+)
+def test_large_vocabulary_matches_float64_reference(n_tokens, ctx, stride, batch_size):
+    model = _large_vocab_model(seed=11)
+    reference = _perturbed(model, seed=12)
+    stream = torch.randint(0, 50_000, (n_tokens,), generator=torch.Generator().manual_seed(n_tokens))
+    nll, kl, top1, count = _float64_reference(model, reference, stream, ctx, stride)
+    assert nll > 4.0 and kl > 0.1 and 0.2 < top1 < 0.9  # distributions far from uniform and from each other
+    ppl = perplexity(model, stream, ctx, stride, batch_size, progress=False)
+    fid = fidelity(model, reference, stream, ctx, stride, batch_size, progress=False)
+    assert ppl["tokens"] == fid["tokens"] == count
+    assert ppl["nll"] == pytest.approx(nll, rel=1e-6)
+    assert ppl["ppl"] == pytest.approx(math.exp(nll), rel=1e-6)
+    assert fid["kl"] == pytest.approx(kl, rel=1e-6)
+    assert fid["top1"] == top1
+
+
+def test_results_do_not_depend_on_batch_or_chunk_size(monkeypatch):
+    import ffnfusion.evaluate as ev
+
+    model = _large_vocab_model(seed=13)
+    reference = _perturbed(model, seed=14)
+    stream = torch.randint(0, 50_000, (181,), generator=torch.Generator().manual_seed(6))  # 7 windows x 25 tokens
+    results = []
+    for batch_size, chunk_tokens in [(1, None), (3, None), (8, 6), (5, 13)]:
+        if chunk_tokens is not None:  # 6 and 13 divide neither a window's 25 scored tokens nor a batch's 50/125/175
+            monkeypatch.setattr(ev, "_CHUNK_ELEMENTS", chunk_tokens * 50_000 + 123)
+        ppl = perplexity(model, stream, 26, None, batch_size, progress=False)
+        fid = fidelity(model, reference, stream, 26, None, batch_size, progress=False)
+        results.append((ppl, fid))
+        monkeypatch.undo()
+    (ppl0, fid0), *rest = results
+    assert ppl0["tokens"] == 175 and ppl0["windows"] == 7 and 0 < fid0["top1"] < 1
+    for ppl, fid in rest:
+        assert ppl["tokens"] == fid["tokens"] == 175
+        # Equal up to the fp32 rounding of the logits themselves: matrix products over a different number of rows
+        # (batch size, chunk size) may round differently; the reductions add nothing measurable on top.
+        assert ppl["nll"] == pytest.approx(ppl0["nll"], rel=1e-8)
+        assert fid["kl"] == pytest.approx(fid0["kl"], rel=1e-7)
+        assert fid["top1"] == fid0["top1"]
+
+
+def test_supported_families_score_through_the_head_like_their_forward(family):
+    model, reference = tiny_model(family, seed=21), tiny_model(family, seed=22)
+    stream = torch.randint(0, 97, (70,), generator=torch.Generator().manual_seed(7))
+    nll, kl, top1, count = _float64_reference(model, reference, stream, 24, 16)
+    ppl = perplexity(model, stream, 24, 16, batch_size=2, progress=False)
+    fid = fidelity(model, reference, stream, 24, 16, batch_size=2, progress=False)
+    assert ppl["tokens"] == fid["tokens"] == count
+    assert ppl["nll"] == pytest.approx(nll, rel=1e-6)
+    assert fid["kl"] == pytest.approx(kl, rel=1e-6)
+    assert fid["top1"] == top1
+
+
+def test_logits_are_computed_a_chunk_at_a_time(monkeypatch):
+    """A batch never holds its [B, L, V] logits: the LM head sees at most one chunk of positions, the model's own
+    forward (which would compute every logit) is not called, and a model that is its own reference runs once."""
+    import ffnfusion.evaluate as ev
+
+    monkeypatch.setattr(ev, "_CHUNK_ELEMENTS", 10 * 97)
+    model = tiny_model("llama", seed=5)
+    head_rows, decoder_calls = [], []
+    model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[0]))
+    model.model.register_forward_hook(lambda m, args, out: decoder_calls.append(1))
+    model.register_forward_hook(lambda m, args, out: pytest.fail("the whole forward computed every logit"))
+    stream = torch.randint(0, 97, (100,), generator=torch.Generator().manual_seed(8))
+    fid = fidelity(model, model, stream, 25, None, batch_size=4, progress=False)
+    assert fid["kl"] == 0.0 and fid["top1"] == 1.0 and fid["tokens"] == 96
+    assert max(head_rows) == 10 and sum(head_rows) == 96
+    assert len(decoder_calls) == 1  # 4 windows in one batch, one decoder pass for model and reference
+
+
+def test_fidelity_with_zero_probability_tokens_is_analytic():
+    # The reference gives token 2 probability 0 (logit -inf): those terms of KL are 0, not 0 * -inf = nan.
+    p = torch.tensor([0.5, 0.5, 0.0])
+    q = torch.tensor([0.25, 0.25, 0.5])
+    stream = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    out = fidelity(FixedDistribution(q), FixedDistribution(p), stream, 4, 2, progress=False)
+    assert out["kl"] == pytest.approx(math.log(2), rel=1e-7)  # fp32 logits log(0.25), log(0.5)
+    assert out["top1"] == 0.0  # argmax is token 0 for the reference, token 2 for the model
+    same = fidelity(FixedDistribution(p), FixedDistribution(p), stream, 4, 2, progress=False)
+    assert same["kl"] == 0.0 and same["top1"] == 1.0
