@@ -23,8 +23,8 @@ from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from ffnfusion.eval.stage import resolve_tasks, run_tasks, task_manager
 from ffnfusion.eval.tasks import load_docs
+from ffnfusion.eval.zero_shot import resolve_tasks, run_tasks, task_manager
 from ffnfusion.io.source import load_model, resolve_model
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ffnfusion.data import load_texts, tokenize_stream
-from ffnfusion.eval.stage import fidelity, perplexity
+from ffnfusion.eval.scoring import fidelity, perplexity
 from ffnfusion.formats.plan import Plan
 from ffnfusion.fuse import fuse
 from ffnfusion.io.source import export_transformers_folder, load_model, resolve_model

@@ -27,7 +27,7 @@ import torch
 
 from ffnfusion.analyze import analyze
 from ffnfusion.data import load_texts, tokenize_stream
-from ffnfusion.eval.stage import fidelity, perplexity
+from ffnfusion.eval.scoring import fidelity, perplexity
 from ffnfusion.formats.analysis import Analysis
 from ffnfusion.formats.plan import Plan, plan_blocks, sequential_sub_blocks
 from ffnfusion.fuse import fuse

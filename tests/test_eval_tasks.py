@@ -16,8 +16,10 @@ from typer.testing import CliRunner
 from conftest import ASSETS, tiny_model
 from ffnfusion.cli import app
 from ffnfusion.data import DataError
-from ffnfusion.eval.stage import EvalError, evaluate, markdown_table, resolve_tasks, run_tasks, task_manager
+from ffnfusion.eval.scoring import EvalError
+from ffnfusion.eval.stage import evaluate, markdown_table
 from ffnfusion.eval.tasks import MMLU_SUBJECTS, load_docs
+from ffnfusion.eval.zero_shot import resolve_tasks, run_tasks, task_manager
 
 DATA = ASSETS / "data"
 FOUNDRY = DATA / "llmfoundry_eval"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from ffnfusion.eval.stage import EvalError, fidelity, perplexity, sliding_windows
+from ffnfusion.eval.scoring import EvalError, fidelity, perplexity, sliding_windows
 
 
 class FixedDistribution(torch.nn.Module):
@@ -225,7 +225,7 @@ def test_large_vocabulary_matches_float64_reference(n_tokens, ctx, stride, batch
 
 
 def test_results_do_not_depend_on_batch_or_chunk_size(monkeypatch):
-    import ffnfusion.eval.stage as ev
+    import ffnfusion.eval.scoring as ev
 
     model = _large_vocab_model(seed=13)
     reference = _perturbed(model, seed=14)
@@ -264,7 +264,7 @@ def test_supported_families_score_through_the_head_like_their_forward(family):
 def test_logits_are_computed_a_chunk_at_a_time(monkeypatch):
     """A batch never holds its [B, L, V] logits: the LM head sees at most one chunk of positions, the model's own
     forward (which would compute every logit) is not called, and a model that is its own reference runs once."""
-    import ffnfusion.eval.stage as ev
+    import ffnfusion.eval.scoring as ev
 
     monkeypatch.setattr(ev, "_CHUNK_ELEMENTS", 10 * 97)
     model = tiny_model("llama", seed=5)
