@@ -9,7 +9,7 @@ from typing import Any
 from ffnfusion.adapters import adapter_for
 from ffnfusion.checkpoint import TensorInfo, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.modeling.modeling_decilm import block_ffn_width
-from ffnfusion.plan import ENGINE_WIDTH_MULTIPLE, Plan, plan_blocks, sequential_sub_blocks
+from ffnfusion.plan import ENGINE_WIDTH_MULTIPLE, Plan, check_plan_model, plan_blocks, sequential_sub_blocks
 from ffnfusion.source import ModelSource, ModelSourceError, parse_dtype, resolve_model
 from ffnfusion.surgery import fused_config, fused_tensors
 
@@ -93,8 +93,16 @@ def fuse(
     dtype: str | None = None,
     allow_any_width: bool = False,
     max_shard_bytes: int = 5 * 2**30,
+    force_plan: bool = False,
 ) -> FuseSummary:
-    """Apply `plan` to `model` and write the fused checkpoint to `out` (atomically)."""
+    """Apply `plan` to `model` and write the fused checkpoint to `out` (atomically).
+
+    A plan that records another model (info.model: layer count and architecture hash) is refused unless
+    `force_plan`. Every check that reads no weights runs before the first tensor is read.
+    """
+    from ffnfusion.analysis.run import check_output_location
+    from ffnfusion.analysis.schema import config_hash
+
     source = resolve_model(model)
     if source.is_fused_checkpoint:
         raise ModelSourceError(
@@ -102,13 +110,19 @@ def fuse(
         )
     out = Path(out)
     _check_output_location(source, out)
+    plan_arg = plan
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     hf_config = source.config()
     base = adapter_for(hf_config).decilm_config(hf_config)
+    if not force_plan:
+        where = "the plan" if isinstance(plan_arg, Plan) else f"plan file {plan_arg}"
+        check_plan_model(plan, model, len(base["block_configs"]), config_hash(base), where)
     widths_ok = all(block_ffn_width(b, base["hidden_size"]) % ENGINE_WIDTH_MULTIPLE == 0 for b in base["block_configs"])
     # Only insist on engine-readable fused widths when the original model itself is engine-readable.
     new_config = fused_config(base, plan, require_engine_widths=widths_ok and not allow_any_width)
     cast = parse_dtype(dtype) if dtype else None
+    # A non-empty --out is otherwise refused only when the output is opened, after the weights are read.
+    check_output_location(source, out, overwrite)
     # Every output tensor's name, shape and dtype, from the surgery itself run on meta tensors: only shard headers
     # are read, a missing or mis-shaped tensor fails here before anything is written, and the writer can lay out
     # each shard up front and stream one tensor at a time.
