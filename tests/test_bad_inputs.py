@@ -138,6 +138,15 @@ def _cases() -> dict[str, Callable[[dict[str, Path], Path], Case]]:
     for verb in ("analyze", "fuse", "heal", "eval", "bench"):
         cases[f"{verb}-no-weights"] = no_weights(verb)
 
+    def config_not_json(base, tmp: Path) -> Case:
+        bad = _copy(base["model"], tmp / "bad-config")
+        (bad / "config.json").write_text('{"model_type": "llama",')
+        out = tmp / "out"
+        args = ["fuse", str(bad), "--plan", str(_plan(tmp / "plan.json")), "--out", str(out)]
+        return Case(args, [str(bad / "config.json"), "is not valid JSON"], [bad], [out])
+
+    cases["fuse-config-not-json"] = config_not_json
+
     # 2. a truncated safetensors file in analyze: the message fuse gives.
     def truncated_safetensors(base, tmp: Path) -> Case:
         bad = _copy(base["model"], tmp / "cut")

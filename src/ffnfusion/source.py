@@ -214,8 +214,15 @@ def check_weights(folder: Path) -> None:
     Only headers are read (each safetensors shard's, checked against the index), before any long work starts. An
     architecture ffnfusion cannot process is reported first: no weights would make it usable.
     """
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    if config and "block_configs" not in config:
+    config: Any = {}
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelSourceError(
+                f"{folder / 'config.json'} is not valid JSON ({e}): download or copy the model's config.json again."
+            ) from None
+    if isinstance(config, dict) and config and "block_configs" not in config:
         adapter_for(AutoConfig.from_pretrained(folder))
     if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
         raise ModelSourceError(
