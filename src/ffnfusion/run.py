@@ -175,7 +175,8 @@ def _type_problems(stage: str, options: dict[str, Any]) -> list[str]:
         try:
             adapter.validate_python(value, strict=True)
         except ValidationError:
-            shown = str(hints[name]).replace("typing.", "")
+            hint = hints[name]
+            shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
             problems.append(f"{stage}.{name}: {value!r} is not a valid {shown}")
     return problems
 
