@@ -129,13 +129,6 @@ def test_output_file_rules(tmp_path: Path, relative: str, replace: bool, expecte
             check()
 
 
-def test_single_file_model_protects_the_file_not_its_folder(tmp_path: Path) -> None:
-    source = resolve_model(SMOLLM2_GGUF)
-    assert source.input_path == SMOLLM2_GGUF.resolve()
-    folder_model = tmp_path / "m"
-    folder_model.mkdir()
-    (folder_model / "config.json").write_text("{}")
-    assert resolve_model(folder_model).input_path == folder_model.resolve()
 
 
 # ---- every verb against a user's files (CLI) ---------------------------------------------------------------------
@@ -202,6 +195,12 @@ def _cases(w: dict[str, Path]) -> list[tuple[str, list[str], Path, str]]:
 
 
 CASE_NAMES = [c[0] for c in _cases({k: Path(k) for k in ("parent", "model", "plan", "fused", "text")})]
+
+
+def test_single_file_model_protects_the_file_not_its_folder(world) -> None:
+    source = resolve_model(SMOLLM2_GGUF)
+    assert source.input_path == SMOLLM2_GGUF.resolve()
+    assert resolve_model(world["model"]).input_path == world["model"].resolve()
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

@@ -338,6 +338,9 @@ def fuse(
         bool, typer.Option(help="allow fused FFN widths that vLLM/TensorRT-LLM/llama.cpp cannot read")
     ] = False,
     max_shard_size_gb: Annotated[float, typer.Option(help="largest safetensors shard, in GiB")] = 5.0,
+    force_plan: Annotated[
+        bool, typer.Option(help="apply a plan that records another model (layer count or architecture differs)")
+    ] = False,
 ) -> None:
     """Apply a plan: remove attention, fuse FFN runs into one wide FFN, group parallel blocks; save the checkpoint."""
     check_plan_file(plan)
@@ -353,6 +356,7 @@ def fuse(
                 dtype=dtype,
                 allow_any_width=allow_any_width,
                 max_shard_bytes=int(max_shard_size_gb * 2**30),
+                force_plan=force_plan,
             )
     except USER_ERRORS as e:
         fail(e)
@@ -542,6 +546,9 @@ def bench(
     plan: Annotated[
         Path | None, typer.Option(help="plan.json: also time MODEL fused in memory under this plan")
     ] = None,
+    force_plan: Annotated[
+        bool, typer.Option(help="use a --plan that records another model (layer count or architecture differs)")
+    ] = False,
     batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8,32",
     prompt_len: Annotated[int, typer.Option(help="prompt tokens per sequence")] = 512,
     new_tokens: Annotated[int, typer.Option(help="tokens generated per sequence")] = 128,
@@ -619,6 +626,7 @@ def bench(
             model,
             compare=compare or [],
             plan=plan,
+            force_plan=force_plan,
             batch_sizes=sizes,
             prompt_len=prompt_len,
             new_tokens=new_tokens,

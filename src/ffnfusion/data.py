@@ -97,6 +97,30 @@ def load_texts(spec: str | Path, text_field: str = "text") -> list[str]:
     return texts
 
 
+def check_text_source(spec: str | Path, option: str = "--data") -> None:
+    """Refuse, without reading it, a text spec that `load_texts` would refuse for its path: for up-front checks.
+
+    `self` and names that are not paths (`datasets` names) pass; a path that does not exist, or a folder without
+    text files, is refused naming the option.
+    """
+    if str(spec) == "self":
+        return
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if not os.access(path, os.R_OK):
+            raise DataError(f"{option} {path} cannot be read (no read permission); check its permissions.")
+        return
+    if path.is_dir():
+        if not any(p.is_file() and (p.suffix in TABLE_SUFFIXES or p.suffix in TEXT_SUFFIXES) for p in path.rglob("*")):
+            raise DataError(f"{option} {path} holds no text files (.txt, .raw, .md, .jsonl, .parquet).")
+        return
+    if str(spec).startswith((".", "/", "~")) or Path(spec).suffix in TABLE_SUFFIXES | {".txt", ".raw"}:
+        raise DataError(
+            f"{option} {spec}: data file not found. Give a text file, a folder of them, a .jsonl or .parquet file, "
+            "a datasets name, or `self`."
+        )
+
+
 def _load_dataset(spec: str, text_field: str) -> list[str]:
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")

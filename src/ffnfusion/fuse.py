@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ffnfusion.adapters import adapter_for
-from ffnfusion.formats.plan import ENGINE_WIDTH_MULTIPLE, Plan, plan_blocks, sequential_sub_blocks
+from ffnfusion.formats.plan import ENGINE_WIDTH_MULTIPLE, Plan, check_plan_model, plan_blocks, sequential_sub_blocks
 from ffnfusion.io.checkpoint import TensorInfo, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.io.device import parse_dtype
 from ffnfusion.io.output import check_output_dir
@@ -88,8 +88,15 @@ def fuse(
     dtype: str | None = None,
     allow_any_width: bool = False,
     max_shard_bytes: int = 5 * 2**30,
+    force_plan: bool = False,
 ) -> FuseSummary:
-    """Apply `plan` to `model` and write the fused checkpoint to `out` (atomically)."""
+    """Apply `plan` to `model` and write the fused checkpoint to `out` (atomically).
+
+    A plan that records another model (info.model: layer count and architecture hash) is refused unless
+    `force_plan`. Every check that reads no weights runs before the first tensor is read.
+    """
+    from ffnfusion.formats.analysis import config_hash
+
     source = resolve_model(model)
     if source.is_fused_checkpoint:
         raise ModelSourceError(
@@ -98,9 +105,13 @@ def fuse(
     inputs = [("input model", source.input_path), ("plan", None if isinstance(plan, Plan) else plan)]
     out = Path(out)
     check_output_dir(out, "fuse", inputs, overwrite)
+    plan_arg = plan
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     hf_config = source.config()
     base = adapter_for(hf_config).decilm_config(hf_config)
+    if not force_plan:
+        where = "the plan" if isinstance(plan_arg, Plan) else f"plan file {plan_arg}"
+        check_plan_model(plan, model, len(base["block_configs"]), config_hash(base), where)
     widths_ok = all(block_ffn_width(b, base["hidden_size"]) % ENGINE_WIDTH_MULTIPLE == 0 for b in base["block_configs"])
     # Only insist on engine-readable fused widths when the original model itself is engine-readable.
     new_config = fused_config(base, plan, require_engine_widths=widths_ok and not allow_any_width)

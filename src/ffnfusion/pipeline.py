@@ -81,6 +81,8 @@ class RunConfig(BaseModel):
         raw: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
+            if path.is_dir():
+                raise RunConfigError(f"{path} is a directory; --config expects a run.yaml file.")
             if not path.is_file():
                 raise RunConfigError(f"Run configuration not found: {path}")
             try:
@@ -127,7 +129,8 @@ def stage_options() -> dict[str, set[str]]:
     from ffnfusion.heal import HealSettings, heal
     from ffnfusion.plan.search import search_plan
 
-    wired = {"model", "out", "overwrite", "log", "show_progress", "progress", "callbacks", "command"}
+    # force_plan: the run makes its own plan from its own model, so a mismatch is always an error there.
+    wired = {"model", "out", "overwrite", "log", "show_progress", "progress", "callbacks", "command", "force_plan"}
     return {
         "analyze": _params(analyze, wired),
         "plan": _params(search_plan, {"analysis", "rescore", "costs"}) | {"iterative", "costs"},
@@ -136,6 +139,60 @@ def stage_options() -> dict[str, set[str]]:
         "eval": _params(evaluate, wired | {"models", "reference", "labels"}),
         "bench": _params(bench, wired | {"compare", "plan"}),
     }
+
+
+def _stage_functions() -> dict[str, Any]:
+    from ffnfusion.analyze import analyze
+    from ffnfusion.bench.stage import bench
+    from ffnfusion.eval.stage import evaluate
+    from ffnfusion.fuse import fuse
+    from ffnfusion.heal import HealSettings, heal
+    from ffnfusion.plan.search import search_plan
+
+    return {
+        "analyze": [analyze],
+        "plan": [search_plan],
+        "fuse": [fuse],
+        "heal": [HealSettings, heal],
+        "eval": [evaluate],
+        "bench": [bench],
+    }
+
+
+def _type_problems(stage: str, options: dict[str, Any]) -> list[str]:
+    """Options whose value does not have the type the stage function declares (e.g. `samples: many`)."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    hints: dict[str, Any] = {}
+    for fn in _stage_functions()[stage]:
+        try:
+            hints.update(typing.get_type_hints(fn))
+        except Exception:  # an annotation that cannot be resolved here: leave those options to the stage
+            continue
+    problems = []
+    for name, value in options.items():
+        if name not in hints or (stage == "heal" and name == "data"):
+            continue
+        try:
+            adapter = TypeAdapter(hints[name], config=ConfigDict(arbitrary_types_allowed=True))
+        except Exception:  # a type pydantic cannot check (callables, tensors): left to the stage
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError:
+            hint = hints[name]
+            shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            problems.append(f"{stage}.{name}: {value!r} is not a valid {shown}")
+    return problems
+
+
+def _positive(problems: list[str], stage: str, options: dict[str, Any], least: dict[str, int]) -> None:
+    for name, low in least.items():
+        value = options.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < low:
+            problems.append(f"{stage}.{name} must be at least {low} (got {value})")
 
 
 def _key(payload: Any) -> str:
@@ -190,6 +247,8 @@ class Run:
         ):
             if needed in skip and by not in skip and not self.path(OUTPUTS[needed][0]).exists():
                 raise RunConfigError(f"--skip {needed} leaves nothing for {by}: skip {by} too, or run {needed}.")
+        last = STAGES.index(stop_after) if stop_after is not None else len(STAGES) - 1
+        self.preflight([s for s in STAGES[: last + 1] if self._skip_reason(s, skip) is None])
         # A run folder is resumed, never replaced: non-empty, it must be an earlier run's folder.
         check_output_dir(self.dir, "run", self.config.inputs(), overwrite=True)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +277,75 @@ class Run:
             if stage == stop_after:
                 break
         return status
+
+    def preflight(self, stages: list[str]) -> None:
+        """Check every input of the stages that will run (files, folders, option values) before the first starts.
+
+        Otherwise a wrong eval text path, say, is reported only after analyze, plan, fuse and heal have run. Only
+        cheap checks: headers of the model's weight files, existence of text and task files, option values.
+        """
+        from ffnfusion.analyze.stage import resolve_device
+        from ffnfusion.data import check_text_source
+        from ffnfusion.io.source import parse_dtype, resolve_model
+
+        cfg = self.config
+        problems: list[str] = []
+        for stage in stages:
+            if stage != "report":
+                problems += _type_problems(stage, getattr(cfg, stage))
+        if problems:
+            raise RunConfigError("Invalid run configuration:\n  - " + "\n  - ".join(problems))
+        resolve_model(cfg.model)
+        if cfg.device is not None:
+            resolve_device(cfg.device)
+        a, pl, f, h, e, b = cfg.analyze, cfg.plan, cfg.fuse, cfg.heal, cfg.eval, cfg.bench
+        if "analyze" in stages:
+            check_text_source(a.get("data", cfg.data), "data")
+            _positive(problems, "analyze", a, {"samples": 1, "seq_len": 2, "max_window": 2, "batch_size": 1})
+            if a.get("dtype") not in (None, "auto"):
+                parse_dtype(a["dtype"])
+        if "plan" in stages and pl.get("costs"):
+            costs = Path(pl["costs"]).expanduser()
+            if not costs.is_file():
+                what = "is a directory" if costs.is_dir() else "not found"
+                problems.append(f"plan.costs: {costs} {what}; give a JSON file of measured costs")
+        if "fuse" in stages and f.get("dtype"):
+            parse_dtype(f["dtype"])
+        if "heal" in stages:
+            from ffnfusion.heal import HealSettings
+
+            data = h.get("data", [cfg.data])
+            for spec in [data] if isinstance(data, str) else data:
+                check_text_source(spec, "heal.data")
+            names = {field.name for field in fields(HealSettings)}
+            options = {"data": [data] if isinstance(data, str) else data, "seed": cfg.seed}
+            HealSettings(**{**{k: v for k, v in h.items() if k in names}, **options}).check()
+        if "eval" in stages:
+            from ffnfusion.eval.stage import resolve_tasks
+            from ffnfusion.eval.tasks import LOCAL_TASKS, check_task_files
+
+            text = e.get("data", cfg.eval_data or (None if cfg.data == "self" else cfg.data))
+            if text is not None:
+                check_text_source(text, "eval.data" if "data" in e else "eval_data")
+            _positive(problems, "eval", e, {"context_len": 2, "limit": 1, "max_tokens": 2, "batch_size": 1})
+            parse_dtype(e.get("dtype", "float32"))
+            folder = e.get("task_data_dir")
+            if folder is not None and not Path(folder).expanduser().is_dir():
+                what = "is a file" if Path(folder).expanduser().exists() else "not found"
+                problems.append(f"eval.task_data_dir: {folder} {what}; give the folder holding the task files")
+            elif e.get("tasks"):
+                tasks = e["tasks"].split(",") if isinstance(e["tasks"], str) else list(e["tasks"])
+                resolved = resolve_tasks(tasks, folder)
+                local = {v: k for k, v in LOCAL_TASKS.items()}
+                if folder is not None:
+                    check_task_files([local[lm] for _, lm in resolved if lm in local], Path(folder).expanduser())
+        if "bench" in stages:
+            prompt = b.get("prompt_file")
+            if prompt is not None and not Path(prompt).expanduser().is_file():
+                problems.append(f"bench.prompt_file: {prompt} is not a file; give a text file to cut prompts from")
+            _positive(problems, "bench", b, {"prompt_len": 1, "new_tokens": 1, "repeats": 1})
+        if problems:
+            raise RunConfigError("Invalid run configuration:\n  - " + "\n  - ".join(problems))
 
     def _skip_reason(self, stage: str, skip: set[str]) -> str | None:
         if stage in skip:

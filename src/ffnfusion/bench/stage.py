@@ -13,7 +13,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +229,26 @@ def _decilm(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
     return fuse_model(model, plan)
 
 
+def _check_model_and_plan(model: str, compare: Sequence[str], plan: Plan | None, where: str, force: bool) -> None:
+    """Before any model is loaded: every model readable, and a plan that fits MODEL (unless `force`)."""
+    from ffnfusion.adapters import adapter_for
+    from ffnfusion.formats.analysis import config_hash
+    from ffnfusion.formats.plan import check_plan_model, validate_plan
+    from ffnfusion.io.source import resolve_model
+
+    for other in compare:
+        resolve_model(other)
+    source = resolve_model(model)
+    if plan is None or plan.is_empty or source.is_fused_checkpoint:
+        return
+    hf_config = source.config()
+    base = adapter_for(hf_config).decilm_config(hf_config)
+    num_layers = len(base["block_configs"])
+    if not force:
+        check_plan_model(plan, model, num_layers, config_hash(base), where)
+    validate_plan(plan, num_layers)
+
+
 def _variants(
     model: str | None,
     compare: list[str],
@@ -411,6 +431,7 @@ def bench(
     seed: int = 0,
     command: str | None = None,
     log: Log | None = None,
+    force_plan: bool = False,
 ) -> dict[str, Any]:
     """Benchmark MODEL (and its fused version under `plan`, and every `compare` model) in one engine.
 
@@ -429,8 +450,14 @@ def bench(
         raise ValueError("--random-weights builds the model from --shape; do not pass MODEL as well")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = parse_dtype(dtype)
+    plan_name = "the plan" if plan is None or isinstance(plan, Plan) else f"plan file {plan}"
     if isinstance(plan, str | Path):
         plan = Plan.load(plan)
+    if prompt_file is not None and not Path(prompt_file).is_file():
+        what = "a directory" if Path(prompt_file).is_dir() else "not found"
+        raise ValueError(f"--prompt-file {prompt_file} is {what}: give a text file to cut prompts from.")
+    if model is not None and not random_weights:
+        _check_model_and_plan(model, compare, plan, plan_name, force_plan)
     text = Path(prompt_file).read_text(errors="replace") if prompt_file else None
 
     result: dict[str, Any] = {

@@ -48,6 +48,12 @@ class Plan(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         path = Path(path)
+        if path.is_dir():
+            inside = " (it holds a plan.json: pass that file)" if (path / "plan.json").is_file() else ""
+            raise PlanError(
+                f"{path} is a directory, not a plan file{inside}; --plan expects the plan.json written by "
+                "`ffnfusion plan`."
+            )
         if not path.is_file():
             raise PlanError(f"Plan file not found: {path}")
         try:
@@ -70,6 +76,31 @@ class Plan(BaseModel):
     @property
     def is_empty(self) -> bool:
         return not (self.remove_attention or self.remove_ffn or self.fuse_ffn or self.parallel_blocks)
+
+
+def check_plan_model(plan: Plan, model: str, num_layers: int, config_hash: str, where: Any = "the plan") -> bool:
+    """Refuse a plan made for another model than MODEL (`num_layers` layers, architecture hash `config_hash`).
+
+    `ffnfusion plan` records the analysed model in info.model; layer indices of a plan made for another model would
+    silently change the wrong layers. Returns False for a plan that records no model (written by hand): it is
+    accepted unchecked.
+    """
+    recorded = plan.info.get("model") if isinstance(plan.info, dict) else None
+    if not isinstance(recorded, dict) or not ({"num_layers", "config_hash"} & recorded.keys()):
+        return False
+    diffs = []
+    if "num_layers" in recorded and recorded["num_layers"] != num_layers:
+        diffs.append(f"{recorded['num_layers']} layers vs {num_layers}")
+    if "config_hash" in recorded and recorded["config_hash"] != config_hash:
+        diffs.append(f"architecture hash {str(recorded['config_hash'])[:12]} vs {config_hash[:12]}")
+    if diffs:
+        raise PlanError(
+            f"{where} was made for another model ({recorded.get('name', 'unnamed')}) than {model}: "
+            + "; ".join(diffs)
+            + ". Its layer indices would change the wrong layers. Make a plan for this model (`ffnfusion analyze "
+            "MODEL` then `ffnfusion plan`), or pass --force-plan to apply it anyway."
+        )
+    return True
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import mmap
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,6 +100,131 @@ class ModelSource:
         return get
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json")
+
+# GGUF metadata value types: fixed-size ones by width; 8 is a string, 9 an array (see the GGUF specification).
+_GGUF_WIDTH = {0: 1, 1: 1, 7: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GGUFTruncated(Exception):
+    pass
+
+
+def check_gguf(path: Path) -> None:
+    """Read a GGUF file's header and tensor table (no tensor data) and refuse a corrupt or truncated file by name.
+
+    Loading a broken file otherwise fails deep inside transformers with a struct or numpy error that names neither
+    the file nor the problem.
+    """
+    from gguf.constants import GGML_QUANT_SIZES
+
+    blocks = {int(t): block for t, block in GGML_QUANT_SIZES.items()}
+    fix = "download or copy the .gguf again (compare its size or checksum with the original)."
+    size = path.stat().st_size
+    if size < 24:
+        raise ModelSourceError(f"{path} is {size} bytes, too short for a GGUF header: the file is truncated; {fix}")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ModelSourceError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'); {fix}")
+        pos = 4
+
+        def take(fmt: str) -> Any:
+            nonlocal pos
+            width = struct.calcsize(fmt)
+            if pos + width > size:
+                raise _GGUFTruncated
+            (value,) = struct.unpack_from(fmt, buf, pos)
+            pos += width
+            return value
+
+        def skip(n: int) -> None:
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                raise _GGUFTruncated
+            pos += n
+
+        def string() -> bytes:
+            n = take("<Q")
+            start = pos
+            skip(n)
+            return bytes(buf[start:pos])
+
+        def value(kind: int) -> Any:
+            if kind == _GGUF_STRING:
+                return string()
+            if kind == _GGUF_ARRAY:
+                item, count = take("<I"), take("<Q")
+                if item in _GGUF_WIDTH:
+                    skip(count * _GGUF_WIDTH[item])
+                else:
+                    for _ in range(count):
+                        value(item)
+                return None
+            if kind not in _GGUF_WIDTH:
+                raise ModelSourceError(f"{path} is corrupt: metadata value type {kind} does not exist; {fix}")
+            return take({1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[_GGUF_WIDTH[kind]])
+
+        try:
+            version = take("<I")
+            if version not in (2, 3):
+                raise ModelSourceError(f"{path} has GGUF version {version}; versions 2 and 3 can be read. {fix}")
+            n_tensors, n_kv = take("<Q"), take("<Q")
+            alignment = 32
+            for _ in range(n_kv):
+                key, kind = string(), take("<I")
+                v = value(kind)
+                if key == b"general.alignment" and isinstance(v, int) and v > 0:
+                    alignment = v
+            end = 0
+            for _ in range(n_tensors):
+                string()
+                dims = [take("<Q") for _ in range(take("<I"))]
+                ggml_type, offset = take("<I"), take("<Q")
+                block = blocks.get(ggml_type)
+                if block is not None:  # a type newer than the gguf package: its size is unknown, so not checked
+                    numel = 1
+                    for d in dims:
+                        numel *= d
+                    end = max(end, offset + numel // block[0] * block[1])
+        except _GGUFTruncated:
+            raise ModelSourceError(
+                f"{path} ends inside its header ({size:,} bytes): the file is truncated or corrupt; {fix}"
+            ) from None
+        needed = -(-pos // alignment) * alignment + end
+        if size < needed:
+            raise ModelSourceError(
+                f"{path} is truncated: its tensors need {needed:,} bytes but the file has {size:,}; {fix}"
+            )
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse a model folder whose weights are absent, truncated, or disagree with their index, naming the file.
+
+    Only headers are read (each safetensors shard's, checked against the index), before any long work starts. An
+    architecture ffnfusion cannot process is reported first: no weights would make it usable.
+    """
+    config: Any = {}
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelSourceError(
+                f"{folder / 'config.json'} is not valid JSON ({e}): download or copy the model's config.json again."
+            ) from None
+    if isinstance(config, dict) and config and "block_configs" not in config:
+        adapter_for(AutoConfig.from_pretrained(folder))
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ModelSourceError(
+            f"{folder} has config.json but no weights (no *.safetensors or pytorch_model*.bin files): the download "
+            "or copy is incomplete. Copy the weight files into it, or point MODEL at the complete model folder."
+        )
+    if next(folder.glob("*.safetensors"), None) or (folder / "model.safetensors.index.json").is_file():
+        from ffnfusion.io.checkpoint import LazySafetensors
+
+        LazySafetensors(folder)
+
+
 def resolve_model(spec: str | Path) -> ModelSource:
     """Turn a user's MODEL argument into a ModelSource, with a clear error when it names nothing usable."""
     spec = str(spec)
@@ -105,15 +232,18 @@ def resolve_model(spec: str | Path) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelSourceError(f"GGUF file not found: {path}")
+        check_gguf(path)
         return ModelSource(spec, path.resolve().parent, path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
+                check_gguf(ggufs[0])
                 return ModelSource(spec, path.resolve(), ggufs[0].name)
             raise ModelSourceError(
                 f"{path} has no config.json: point MODEL at a Hugging Face model folder or a .gguf file."
             )
+        check_weights(path)
         return ModelSource(spec, path.resolve())
     if path.exists():
         raise ModelSourceError(f"{path} is neither a model folder nor a .gguf file.")
@@ -127,6 +257,7 @@ def resolve_model(spec: str | Path) -> ModelSource:
         )
     except Exception as e:  # the hub client raises many types; the user needs the id and the reason
         raise ModelSourceError(f"Could not download {spec!r} from the Hugging Face hub: {e}") from None
+    check_weights(Path(folder))
     return ModelSource(spec, Path(folder))
 
 

@@ -87,6 +87,11 @@ class CostModel(BaseModel):
     def load(cls, path: str | Path, analysis: Analysis) -> CostModel:
         """Measured costs from JSON; keys left out keep their analytic value, e.g. {"overhead_ms": 0.05}."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(
+                f"cost file {path} is a directory; --costs expects a JSON file like "
+                '{"attention_ms": 0.02, "ffn_ms": 0.05}.'
+            )
         try:
             measured = json.loads(path.read_text())
         except FileNotFoundError:
