@@ -194,6 +194,12 @@ def calibration_tokens(
     if spec == "self":
         if model is None:
             raise DataError("--data self needs the model to sample text from.")
+        from ffnfusion.generate import self_corpus_tokens
+
+        # The graph-captured sampling engine, cached as a token corpus (None: a model it cannot run; sample eagerly).
+        tokens = self_corpus_tokens(model, tokenizer, samples, seq_len, seed, cache_dir, model_key)
+        if tokens is not None:
+            return tokens
         # Sample a little more than needed: re-tokenizing decoded text rarely gives back exactly seq_len tokens.
         texts = self_generated_texts(
             model, tokenizer, samples, seq_len + seq_len // 4, seed, cache_dir, model_key, generate_batch_size
