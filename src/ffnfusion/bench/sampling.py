@@ -275,7 +275,7 @@ class SamplingEngine(DecodeEngine):
         feed = torch.where(in_prompt, prompt_next, sampled)
         feed = torch.where(live, feed, self.tok)
         self.hist.scatter_(1, pos1[:, None], torch.where(live, feed, self.hist.gather(1, pos1[:, None])[:, 0])[:, None])
-        stopped = ~in_prompt & torch.isin(feed, self.stop_ids)
+        stopped = ~in_prompt & (feed[:, None] == self.stop_ids[None, :]).any(-1)  # isin may sync
         self.done |= live & (stopped | (pos1 >= self.max_len - 1))
         self.row_pos.copy_(torch.where(live, pos1, self.row_pos))
         self.tok.copy_(feed)
@@ -343,7 +343,8 @@ class SamplingEngine(DecodeEngine):
         lengths = (self.row_pos[done] + 1).tolist()
         prompt_lens = self.prompt_len[done].tolist()
         rows = self.hist[done].cpu()
-        stopped = torch.isin(rows.gather(1, torch.tensor(lengths)[:, None] - 1)[:, 0], self.stop_ids.cpu()).tolist()
+        last = rows.gather(1, torch.tensor(lengths)[:, None] - 1)
+        stopped = (last == self.stop_ids.cpu()[None, :]).any(-1).tolist()
         out = []
         for i, row in enumerate(done.tolist()):
             out.append((row, Document(rows[i, : lengths[i]].tolist(), prompt_lens[i], bool(stopped[i]))))
