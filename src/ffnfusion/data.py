@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ffnfusion.io.cache import default_cache_dir
 from ffnfusion.io.output import write_atomic
 
 TEXT_SUFFIXES = {".txt", ".raw", ".md", ".text", ""}
@@ -22,10 +23,6 @@ TABLE_SUFFIXES = {".jsonl", ".json", ".parquet"}
 
 class DataError(ValueError):
     """Text data that is missing, unreadable, empty, or too short for what was asked."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FFNFUSION_CACHE", Path.home() / ".cache" / "ffnfusion"))
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -217,6 +214,12 @@ def calibration_tokens(
     if spec == "self":
         if model is None:
             raise DataError("--data self needs the model to sample text from.")
+        from ffnfusion.generate import self_corpus_tokens
+
+        # The graph-captured sampling engine, cached as a token corpus (None: a model it cannot run; sample eagerly).
+        tokens = self_corpus_tokens(model, tokenizer, samples, seq_len, seed, cache_dir, model_key)
+        if tokens is not None:
+            return tokens
         # Sample a little more than needed: re-tokenizing decoded text rarely gives back exactly seq_len tokens.
         texts = self_generated_texts(
             model, tokenizer, samples, seq_len + seq_len // 4, seed, cache_dir, model_key, generate_batch_size

@@ -286,7 +286,8 @@ class Run:
         """
         from ffnfusion.analyze.stage import resolve_device
         from ffnfusion.data import check_text_source
-        from ffnfusion.io.source import parse_dtype, resolve_model
+        from ffnfusion.io.device import parse_dtype
+        from ffnfusion.io.source import resolve_model
 
         cfg = self.config
         problems: list[str] = []

@@ -264,6 +264,10 @@ class DecodeEngine:
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, prefill: bool) -> torch.Tensor:
         """Next greedy token of every sequence, [batch]. Prefill starts at position 0; decode reads `pos`."""
+        return self._logits(tokens, pos, prefill).argmax(-1)
+
+    def _logits(self, tokens: torch.Tensor, pos: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """Next-token logits of every sequence's last position, [batch, vocab] (in the model dtype)."""
         ops, eps = self.ops, self.eps
         batch, seq = tokens.shape
         x = F.embedding(tokens, self.embed).view(batch * seq, self.hidden)
@@ -284,7 +288,7 @@ class DecodeEngine:
         last = x.view(batch, seq, self.hidden)[:, -1]
         last_delta = delta.view(batch, seq, self.hidden)[:, -1] if delta is not None else None
         h = ops.add_rmsnorm(last, last_delta, self.final_norm, eps)
-        return F.linear(h, self.lm_head).argmax(-1)
+        return F.linear(h, self.lm_head)
 
     def _parallel_block(self, block, x, delta, batch, seq, pos, prefill) -> torch.Tensor:
         # Same arithmetic, in the same order, as DeciLMDecoderLayer._forward_parallel; returns the FFN part of the

@@ -1,0 +1,375 @@
+"""Sampling with continuous batching on the decode engine: every slot at its own position, refilled as it ends.
+
+`DecodeEngine` runs one batch in lockstep (one position for all rows), which suits timing. Writing a corpus needs
+rows that start and stop at different times: a row that emits a stop token (or reaches the length cap) is handed a
+new prompt at the next sync while the others keep going, so no slot idles on a finished sequence for long.
+
+One decode step here does, for every slot at once and on the device (one CUDA graph on GPUs):
+  logits at the slot's own position -> sample (temperature, top-p) -> feed the next prompt token instead while the
+  slot is still inside its prompt -> record the token -> mark the slot done on a stop token or at the length cap.
+Prompts are fed one token per step (their K/V are written by the same decode step), so there is no separate
+prefill and every step has the same shape. The host looks at the slots every `sync_every` steps only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ffnfusion.bench.engine import DecodeEngine
+from ffnfusion.bench.kernels import TritonOps, rotate_half, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from ffnfusion.bench.kernels import _decode_combine_kernel, _pow2
+
+    @triton.jit
+    def _row_rope_store_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
+        stride_qkv, stride_cb, stride_ch, stride_cl, n_heads, n_kv,
+        HALF: tl.constexpr,
+    ):  # fmt: skip
+        # kernels._rope_store_kernel with one position per row (one token per row).
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        p = tl.load(pos_ptr + row)
+        offs = tl.arange(0, HALF)
+        dim = 2 * HALF
+        dtype = q_ptr.dtype.element_ty
+        c1 = tl.load(cos_ptr + p * dim + offs).to(tl.float32)
+        c2 = tl.load(cos_ptr + p * dim + HALF + offs).to(tl.float32)
+        s1 = tl.load(sin_ptr + p * dim + offs).to(tl.float32)
+        s2 = tl.load(sin_ptr + p * dim + HALF + offs).to(tl.float32)
+        src = qkv_ptr + row * stride_qkv + head * dim
+        x1 = tl.load(src + offs).to(tl.float32)
+        x2 = tl.load(src + HALF + offs).to(tl.float32)
+        o1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
+        o2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
+        if head < n_heads:
+            dst = q_ptr + (row * n_heads + head) * dim
+            tl.store(dst + offs, o1)
+            tl.store(dst + HALF + offs, o2)
+        else:
+            kv = head - n_heads
+            slot = row * stride_cb + kv * stride_ch + p * stride_cl
+            tl.store(k_ptr + slot + offs, o1)
+            tl.store(k_ptr + slot + HALF + offs, o2)
+            vsrc = qkv_ptr + row * stride_qkv + (n_heads + n_kv + kv) * dim
+            tl.store(v_ptr + slot + offs, tl.load(vsrc + offs))
+            tl.store(v_ptr + slot + HALF + offs, tl.load(vsrc + HALF + offs))
+
+    @triton.jit
+    def _row_decode_attn_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
+        stride_cb, stride_ch, stride_cl, n_heads, n_kv, groups, n_splits, sm_scale,
+        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # kernels._decode_attn_kernel with one cache length per row; splits past a row's length skip their loads.
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // n_kv
+        kv = bh % n_kv
+        n_keys = tl.load(pos_ptr + b) + 1
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, HEAD_DIM)
+        gmask = g < groups
+        head = kv * groups + g
+        q = tl.load(q_ptr + ((b * n_heads + head) * HEAD_DIM)[:, None] + d[None, :], mask=gmask[:, None], other=0.0)
+        base = b * stride_cb + kv * stride_ch
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_sum = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+        end = tl.minimum(n_keys - split * SPLIT, SPLIT)
+        for start in range(0, end, BLOCK_N):
+            n = split * SPLIT + start + tl.arange(0, BLOCK_N)
+            nmask = n < n_keys
+            offs = base + n[:, None] * stride_cl + d[None, :]
+            k = tl.load(k_ptr + offs, mask=nmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + offs, mask=nmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        part = (b * n_heads + head) * n_splits + split
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
+        tl.store(m_ptr + part, m, mask=gmask)
+        tl.store(l_ptr + part, l_sum, mask=gmask)
+
+
+class RowPositionOps:
+    """The engine's ops with one position per row (decode only): rope/cache write and attention read `pos[b]`."""
+
+    def __init__(self, base):
+        self.base = base
+        self.name = base.name
+        self.triton = isinstance(base, TritonOps)
+
+    def add_rmsnorm(self, x, delta, weight, eps):
+        return self.base.add_rmsnorm(x, delta, weight, eps)
+
+    def silu_mul(self, gate_up):
+        return self.base.silu_mul(gate_up)
+
+    def rope_store(self, qkv, cos, sin, pos, q_out, k_cache, v_cache, batch: int, seq: int) -> None:
+        if seq != 1:
+            raise ValueError("per-row positions take one token per row")
+        heads, kv_heads, d = q_out.shape[1], k_cache.shape[1], q_out.shape[2]
+        if self.triton:
+            _row_rope_store_kernel[(batch, heads + kv_heads)](
+                qkv, cos, sin, pos, q_out, k_cache, v_cache,
+                qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), heads, kv_heads,
+                HALF=d // 2, num_warps=1, enable_fp_fusion=False,
+            )  # fmt: skip
+            return
+        c = cos.index_select(0, pos)[:, None, :]
+        s = sin.index_select(0, pos)[:, None, :]
+        q = qkv[:, : heads * d].view(batch, heads, d)
+        k = qkv[:, heads * d : (heads + kv_heads) * d].view(batch, kv_heads, d)
+        v = qkv[:, (heads + kv_heads) * d :].view(batch, kv_heads, d)
+        q_out.copy_(q * c + rotate_half(q) * s)
+        rows = torch.arange(batch, device=pos.device)
+        k_cache[rows, :, pos] = k * c + rotate_half(k) * s
+        v_cache[rows, :, pos] = v
+
+    def decode_attention(self, q, k_cache, v_cache, pos):
+        b, heads, d = q.shape
+        kv_heads = k_cache.shape[1]
+        if self.triton:
+            return self._triton_attention(q, k_cache, v_cache, pos)
+        length = k_cache.shape[2] if getattr(self.base, "static", False) else int(pos.max()) + 1
+        keep = (torch.arange(length, device=q.device)[None] <= pos[:, None]).view(b, 1, 1, length)
+        out = F.scaled_dot_product_attention(
+            q.view(b, kv_heads, heads // kv_heads, d), k_cache[:b, :, :length], v_cache[:b, :, :length], attn_mask=keep
+        )
+        return out.reshape(b, heads * d)
+
+    def _triton_attention(self, q, k_cache, v_cache, pos):
+        b, heads, d = q.shape
+        kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+        block_n = TritonOps.BLOCK_N
+        blocks = triton.cdiv(max_len, block_n)
+        n_splits = max(1, min(blocks, triton.cdiv(2 * self.base.num_sms, b * kv_heads)))
+        split = triton.cdiv(blocks, n_splits) * block_n
+        n_splits = triton.cdiv(max_len, split)
+        acc = torch.empty((b * heads * n_splits, d), dtype=torch.float32, device=q.device)
+        m = torch.empty((b * heads * n_splits,), dtype=torch.float32, device=q.device)
+        l_sum = torch.empty_like(m)
+        out = torch.empty((b, heads * d), dtype=q.dtype, device=q.device)
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        _row_decode_attn_kernel[(b * kv_heads, n_splits)](
+            q, k_cache, v_cache, pos, acc, m, l_sum,
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), heads, kv_heads, heads // kv_heads, n_splits,
+            1.0 / math.sqrt(d),
+            SPLIT=split, BLOCK_N=block_n, BLOCK_G=max(16, _pow2(heads // kv_heads)), HEAD_DIM=d, PRECISION=precision,
+            num_warps=4,
+        )  # fmt: skip
+        _decode_combine_kernel[(b * heads,)](
+            acc, m, l_sum, out, n_splits, BLOCK_S=max(2, _pow2(n_splits)), HEAD_DIM=d, num_warps=1
+        )
+        return out
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None = None,
+    rounds: int = 3,
+) -> torch.Tensor:
+    """One token per row of `logits` [batch, vocab]: greedy at temperature 0, else sampled (fixed shapes, no sync).
+
+    Full-vocabulary sampling is the Gumbel-max trick (argmax of logits/T + Gumbel noise): no softmax, no sort.
+    Top-p is rejection sampling without a sort: draw from the tokens above a pivot probability, accept the draw when
+    the mass of strictly more probable tokens is below `top_p` (it is in the nucleus), else raise the pivot to the
+    draw and try again. Accepted draws are exactly nucleus samples; after `rounds` rejections (probability below
+    (1 - top_p)^rounds) the most probable token is taken.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    scaled = logits.float() / temperature
+    if top_p >= 1.0:
+        noise = torch.empty_like(scaled).exponential_(generator=generator)
+        return (scaled - noise.log_()).argmax(-1)
+    probs = scaled.softmax(-1)
+    choice = probs.argmax(-1)
+    accepted = torch.zeros_like(choice, dtype=torch.bool)
+    pivot = torch.full_like(probs[:, 0], -1.0)
+    for _ in range(rounds):
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+        race = torch.where(probs > pivot[:, None], probs / noise, -1.0)
+        draw = race.argmax(-1)
+        p_draw = probs.gather(1, draw[:, None])
+        above = torch.where(probs > p_draw, probs, 0.0).sum(-1)
+        ok = (above < top_p) & ~accepted
+        choice = torch.where(ok, draw, choice)
+        accepted |= ok
+        pivot = torch.where(accepted, pivot, p_draw[:, 0])
+    return choice
+
+
+@dataclass
+class Document:
+    """One finished slot: its tokens (prompt + generated) and whether a stop token ended it (else the cap)."""
+
+    tokens: list[int]
+    prompt_len: int
+    stopped: bool
+
+
+class SamplingEngine(DecodeEngine):
+    """`max_batch` slots, each a sequence of up to `max_len` tokens (prompt included), sampled and refilled.
+
+    `stop_ids`: tokens that end a sequence (kept as its last token). `max_prompt`: the longest prompt accepted.
+    """
+
+    def __init__(
+        self,
+        model,
+        max_batch: int,
+        max_len: int,
+        *,
+        max_prompt: int,
+        stop_ids: list[int] | tuple[int, ...] = (),
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        kernels: str = "auto",
+        use_graphs: bool | None = None,
+    ):
+        super().__init__(model, max_batch, max_len, kernels=kernels, use_graphs=use_graphs)
+        if not 1 <= max_prompt < max_len:
+            raise ValueError(f"prompts of up to {max_prompt} tokens do not fit sequences of {max_len} tokens")
+        self.ops = RowPositionOps(self.ops)
+        self.temperature, self.top_p = temperature, top_p
+        long = dict(dtype=torch.long, device=self.device)
+        b = max_batch
+        self.tok = torch.zeros(b, **long)
+        self.row_pos = torch.zeros(b, **long)
+        self.prompt = torch.zeros((b, max_prompt), **long)
+        self.prompt_len = torch.ones(b, **long)
+        self.hist = torch.zeros((b, max_len), **long)
+        self.done = torch.ones(b, dtype=torch.bool, device=self.device)
+        self.stop_ids = torch.tensor(sorted(set(stop_ids)) or [-1], **long)
+        self.generator = None if self.use_graphs else torch.Generator(self.device)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self.steps = 0
+
+    # ---------------------------------------------------------------------------------------------- device
+    def _step(self) -> None:
+        logits = self._logits(self.tok[:, None], self.row_pos, prefill=False)
+        sampled = sample_from_logits(logits, self.temperature, self.top_p, self.generator)
+        live = ~self.done
+        pos1 = torch.clamp(self.row_pos + 1, max=self.max_len - 1)
+        in_prompt = pos1 < self.prompt_len
+        prompt_next = self.prompt.gather(1, torch.clamp(pos1, max=self.prompt.shape[1] - 1)[:, None])[:, 0]
+        feed = torch.where(in_prompt, prompt_next, sampled)
+        feed = torch.where(live, feed, self.tok)
+        self.hist.scatter_(1, pos1[:, None], torch.where(live, feed, self.hist.gather(1, pos1[:, None])[:, 0])[:, None])
+        stopped = ~in_prompt & (feed[:, None] == self.stop_ids[None, :]).any(-1)  # isin may sync
+        self.done |= live & (stopped | (pos1 >= self.max_len - 1))
+        self.row_pos.copy_(torch.where(live, pos1, self.row_pos))
+        self.tok.copy_(feed)
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        saved = [t.clone() for t in (self.tok, self.row_pos, self.hist, self.done)]
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self._graph, pool=self._pool):
+            self._step()
+        for t, s in zip((self.tok, self.row_pos, self.hist, self.done), saved):
+            t.copy_(s)
+
+    def prepare(self) -> None:
+        """Capture the step graph (once; its warm-up draws noise, so do it before seeding)."""
+        if self.use_graphs and self._graph is None:
+            self._capture()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.use_graphs:
+            self.prepare()
+            self._graph.replay()
+        else:
+            self._step()
+        self.steps += 1
+
+    def reseed(self, seed: int) -> None:
+        """Seed the sampling noise (the default CUDA generator under graphs, which replays read at each replay)."""
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
+        else:
+            torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
+
+    # ------------------------------------------------------------------------------------------------ host
+    @torch.no_grad()
+    def fill(self, rows: list[int], prompts: list[list[int]]) -> None:
+        """Start `prompts` in slots `rows` (at position 0; their first token is fed at the next step)."""
+        width = self.prompt.shape[1]
+        if any(not 1 <= len(p) <= width for p in prompts):
+            raise ValueError(f"prompts must have 1 to {width} tokens")
+        padded = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = torch.tensor(p)
+        idx = torch.tensor(rows, device=self.device)
+        padded = padded.to(self.device)
+        self.prompt.index_copy_(0, idx, padded)
+        self.prompt_len.index_copy_(0, idx, torch.tensor([len(p) for p in prompts], device=self.device))
+        self.row_pos.index_fill_(0, idx, 0)
+        self.tok.index_copy_(0, idx, padded[:, 0])
+        self.hist[idx, 0] = padded[:, 0]
+        self.done.index_fill_(0, idx, False)
+
+    @torch.no_grad()
+    def collect(self) -> list[tuple[int, Document]]:
+        """The finished slots as (row, document), slot order; the slots stay done until filled again."""
+        done = self.done.nonzero()[:, 0]
+        if done.numel() == 0:
+            return []
+        lengths = (self.row_pos[done] + 1).tolist()
+        prompt_lens = self.prompt_len[done].tolist()
+        rows = self.hist[done].cpu()
+        last = rows.gather(1, torch.tensor(lengths)[:, None] - 1)
+        stopped = (last == self.stop_ids.cpu()[None, :]).any(-1).tolist()
+        out = []
+        for i, row in enumerate(done.tolist()):
+            out.append((row, Document(rows[i, : lengths[i]].tolist(), prompt_lens[i], bool(stopped[i]))))
+        return out
+
+    def documents(
+        self, next_prompt: Callable[[], list[int]], budget_tokens: int, seed: int, sync_every: int = 16
+    ) -> Iterator[Document]:
+        """Documents until `budget_tokens` tokens were yielded; unfinished slots are then dropped.
+
+        Deterministic for one seed, batch size and `sync_every`: prompts are taken and documents returned in slot
+        order at each sync, and the noise is seeded here.
+        """
+        self.prepare()
+        self.reseed(seed)
+        self.done.fill_(True)
+        self.fill(list(range(self.max_batch)), [next_prompt() for _ in range(self.max_batch)])
+        produced = 0
+        while produced < budget_tokens:
+            for _ in range(sync_every):
+                self.step()
+            finished = self.collect()
+            for _, doc in finished:
+                yield doc
+                produced += len(doc.tokens)
+            if finished and produced < budget_tokens:
+                rows = [row for row, _ in finished]
+                self.fill(rows, [next_prompt() for _ in rows])
