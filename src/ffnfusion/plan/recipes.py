@@ -231,9 +231,14 @@ def compare_recipes(
         best.note = f"best of {len(variants)} pair counts (1..{most}), pairs by lowest block dependency"
         recipes.append(best)
     else:
-        why = "the model has an o_proj bias" if analysis.model.has_o_bias else "no pair of intact equal-width layers"
-        if parallel_threshold is not None and not analysis.model.has_o_bias:
-            why += f" with block dependency <= {parallel_threshold}"
+        if 2 * n - target_depth < 2:
+            why = f"a parallel pair saves 2 sub-blocks; depth {target_depth} saves {2 * n - target_depth}"
+        elif analysis.model.has_o_bias:
+            why = "parallel blocks are not supported with an o_proj bias"
+        else:
+            why = "no pair of intact equal-width layers"
+            if parallel_threshold is not None:
+                why += f" with block dependency <= {parallel_threshold}"
         recipes.append(Recipe("parallel", Plan(), 2 * n, 0.0, 0.0, float("inf"), "not built", 0.0, False, note=why))
 
     recipes.append(layer_drop(analysis, target_depth, scale, finish))
