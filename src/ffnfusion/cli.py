@@ -257,13 +257,44 @@ def plan_(
     stream: Annotated[
         bool, typer.Option(help="--iterative: load one layer at a time onto the device (models larger than it)")
     ] = False,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="with --target-depth: auto (the default there: lowest predicted KL), attention, fusion, parallel "
+            "or layer-drop"
+        ),
+    ] = None,
+    measure_recipes: Annotated[
+        bool,
+        typer.Option(
+            help="with --target-depth: measure every recipe's KL on the model (loads it once) instead of predicting it"
+        ),
+    ] = False,
+    max_pairs: Annotated[int, typer.Option(help="parallel recipe: try 1..this many parallel pairs")] = 4,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
-    """Choose what to remove, fuse and parallelize under a budget; predict depth and latency; write plan.json."""
+    """Choose what to remove, fuse and parallelize under a budget; predict depth and latency; write plan.json.
+
+    With --target-depth alone, the recipes (attention removal, + FFN fusion, + parallel pairs, plain layer
+    dropping) are compared at that depth and the one with the lowest predicted KL is written.
+    """
     if stream and not iterative:
         fail(ValueError("--stream applies to --iterative re-scoring (plan reads no weights otherwise)."))
+    compare = (
+        recipe is not None
+        or measure_recipes
+        or (target_depth is not None and remove_attention is None and max_kl is None)
+    )
+    if compare and (target_depth is None or remove_attention is not None or max_kl is not None):
+        fail(
+            ValueError(
+                "--recipe and --measure-recipes compare recipes at a --target-depth D; give --target-depth "
+                "without --remove-attention or --max-kl."
+            )
+        )
     from ffnfusion.analyze import load_analysis
-    from ffnfusion.analyze.rescore import iterative_rescorer
+    from ffnfusion.analyze.rescore import iterative_rescorer, recipe_measurer
+    from ffnfusion.plan.recipes import compare_recipes
     from ffnfusion.plan.search import CostModel, check_model, check_plan_output, search_plan, write_plan
 
     try:
@@ -287,22 +318,57 @@ def plan_(
                 log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
                 stream=stream,
             )
-        result = search_plan(
-            a,
-            remove_attention=remove_attention,
-            max_kl=max_kl,
-            max_group=max_group,
-            target_depth=target_depth,
-            fuse_last=fuse_last,
-            max_dependency=max_dependency,
-            parallel_threshold=parallel_threshold,
-            max_parallel=max_parallel,
-            costs=cost_model,
-            rescore=rescore,
-        )
+        comparison = None
+        if compare:
+            measure = None
+            if measure_recipes:
+                measure = recipe_measurer(
+                    a,
+                    model=model,
+                    data=data,
+                    samples=samples,
+                    seq_len=seq_len,
+                    device=device,
+                    dtype=dtype,
+                    batch_size=batch_size,
+                    log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+                )
+            comparison = compare_recipes(
+                a,
+                target_depth,
+                recipe=recipe or "auto",
+                max_group=max_group,
+                fuse_last=fuse_last,
+                max_dependency=max_dependency,
+                parallel_threshold=parallel_threshold,
+                max_pairs=max_pairs,
+                costs=cost_model,
+                rescore=rescore,
+                measure=measure,
+            )
+            result = comparison.result
+        else:
+            result = search_plan(
+                a,
+                remove_attention=remove_attention,
+                max_kl=max_kl,
+                max_group=max_group,
+                target_depth=target_depth,
+                fuse_last=fuse_last,
+                max_dependency=max_dependency,
+                parallel_threshold=parallel_threshold,
+                max_parallel=max_parallel,
+                costs=cost_model,
+                rescore=rescore,
+            )
         write_plan(result.plan, out, overwrite=overwrite)
     except USER_ERRORS as e:
         fail(e)
+    if comparison is not None:
+        console.print(recipe_table(comparison, target_depth))
+        for r in comparison.recipes:
+            if r.note:
+                console.print(f"  {r.name}: {escape(r.note)}", highlight=False)
     p, info = result.plan, result.plan.info
     table = Table(title=f"plan for {a.model.name}: {out}")
     table.add_column("")
@@ -310,6 +376,8 @@ def plan_(
     table.add_row("remove attention", str(p.remove_attention))
     table.add_row("  chosen here, in order (KL after)", ", ".join(f"{i} ({k:.4f})" for i, k in result.removal) or "-")
     table.add_row("fuse FFN groups", str(p.fuse_ffn))
+    if p.remove_ffn:
+        table.add_row("remove FFN", str(p.remove_ffn))
     if p.parallel_blocks:
         table.add_row("parallel blocks", str(p.parallel_blocks))
     table.add_row(f"predicted KL ({info['predicted_kl_is']})", f"{info['predicted_kl']:.4f}")
@@ -323,6 +391,19 @@ def plan_(
     console.print(table)
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
+
+
+def recipe_table(comparison: Any, target_depth: int) -> Table:
+    """The recipes compared by `plan --target-depth`, the chosen one marked; notes in the caption."""
+    chosen = comparison.chosen
+    table = Table(title=f"recipes at depth {target_depth}", caption=f"chosen: {chosen.name} ({comparison.why})")
+    for name in ("recipe", "sub-blocks", "KL", "KL is", "ms/token"):
+        table.add_column(name, justify="left" if name in ("recipe", "KL is") else "right")
+    for r in comparison.recipes:
+        kl = "-" if r.kl == float("inf") else f"{r.kl:.4f}"
+        latency = f"{r.latency_ms:.4f}" if r.latency_ms else "-"
+        table.add_row(("* " if r is chosen else "  ") + r.name, str(r.depth), kl, r.kl_is, latency)
+    return table
 
 
 @app.command()

@@ -133,7 +133,8 @@ def stage_options() -> dict[str, set[str]]:
     wired = {"model", "out", "overwrite", "log", "show_progress", "progress", "callbacks", "command", "force_plan"}
     return {
         "analyze": _params(analyze, wired),
-        "plan": _params(search_plan, {"analysis", "rescore", "costs"}) | {"iterative", "costs"},
+        "plan": _params(search_plan, {"analysis", "rescore", "costs"})
+        | {"iterative", "costs", "recipe", "measure_recipes", "max_pairs"},
         "fuse": _params(fuse, wired | {"plan"}),
         "heal": {f.name for f in fields(HealSettings)} | _params(heal, wired | {"student", "teacher", "settings"}),
         "eval": _params(evaluate, wired | {"models", "reference", "labels"}),
@@ -380,14 +381,43 @@ class Run:
             else None
         )
         costs = options.pop("costs", None)
-        if not {"remove_attention", "max_kl", "target_depth"} & options.keys():
-            # A first run's budget: a quarter of the attention sub-blocks, as a starting point to look at.
-            options["remove_attention"] = max(1, analysis.num_layers // 4)
-        result = search_plan(
-            analysis, costs=CostModel.load(costs, analysis) if costs else None, rescore=rescore, **options
+        cost_model = CostModel.load(costs, analysis) if costs else None
+        recipe, measure, max_pairs = (
+            options.pop("recipe", None),
+            options.pop("measure_recipes", False),
+            options.pop("max_pairs", 4),
         )
+        if "target_depth" in options and not {"remove_attention", "max_kl"} & options.keys():
+            # Recipes compared at the target depth (as `plan --target-depth` does); the best predicted KL wins.
+            from ffnfusion.analyze.rescore import recipe_measurer
+            from ffnfusion.plan.recipes import compare_recipes
+
+            options.pop("max_parallel", None)
+            comparison = compare_recipes(
+                analysis,
+                recipe=recipe or "auto",
+                costs=cost_model,
+                rescore=rescore,
+                measure=recipe_measurer(analysis, model=self.config.model, log=self.log) if measure else None,
+                max_pairs=max_pairs,
+                **options,
+            )
+            result = comparison.result
+            self.log(f"plan: recipe {comparison.chosen.name} ({comparison.why})")
+        else:
+            if recipe is not None or measure:
+                raise ValueError("plan.recipe and plan.measure_recipes need plan.target_depth (and no other budget)")
+            if not {"remove_attention", "max_kl", "target_depth"} & options.keys():
+                # A first run's budget: a quarter of the attention sub-blocks, as a starting point to look at.
+                options["remove_attention"] = max(1, analysis.num_layers // 4)
+            result = search_plan(analysis, costs=cost_model, rescore=rescore, **options)
         write_plan(result.plan, self.path("plan.json"), overwrite=True)
-        self.log(f"plan: remove attention {result.plan.remove_attention}, fuse {result.plan.fuse_ffn}")
+        p = result.plan
+        self.log(
+            f"plan: remove attention {p.remove_attention}, fuse {p.fuse_ffn}"
+            + (f", drop FFN {p.remove_ffn}" if p.remove_ffn else "")
+            + (f", parallel {p.parallel_blocks}" if p.parallel_blocks else "")
+        )
 
     def _fuse(self) -> None:
         from ffnfusion.fuse import fuse

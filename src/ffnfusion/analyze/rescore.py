@@ -1,8 +1,11 @@
-"""The `analyze` stage, re-run during planning: attention importance re-measured after each removal.
+"""The `analyze` stage, re-run during planning: attention importance re-measured after each removal, and the KL
+of whole candidate plans.
 
 `plan --iterative` asks for a Rescorer: a function from the set of removed attention sub-blocks to the KL of
 removing each remaining one, measured on the model itself (in memory, or one layer at a time with `stream`).
-Input: an analysis (its model, data and settings by default); output: fresh KL scores, nothing written.
+`plan --measure-recipes` asks for a Measurer: a function from a plan to the KL of the model that plan makes
+(`fuse_model`), measured against the original on the analysis' calibration tokens.
+Input: an analysis (its model, data and settings by default); output: fresh KL figures, nothing written.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from ffnfusion.formats.plan import Plan
 
 # Given the current removed set, the KL of removing each remaining attention as well (iterative mode).
 Rescorer = Callable[[set[int]], dict[int, float]]
+# The mean KL(original || model made by the plan) of the next-token distributions over the calibration tokens.
+Measurer = Callable[[Plan], float]
 
 
 def _streamed_rescorer(
@@ -126,3 +131,94 @@ def iterative_rescorer(
         return {i: kl for i, (kl, _ce) in result.scores.items()}
 
     return rescore
+
+
+def plan_kl_sum(original: Any, fused: Any, ids: Any) -> Any:
+    """Sum over the tokens of `ids` of KL(original || fused) of the next-token distributions (float64 0-d tensor).
+
+    The logits are made from the final hidden states a few thousand rows at a time, so a large vocabulary never
+    needs a [tokens, vocab] float32 tensor per model at once.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ffnfusion.analyze.runner import _LOGIT_ELEMENTS
+
+    h_p = original.model(input_ids=ids, use_cache=False).last_hidden_state
+    h_q = fused.model(input_ids=ids, use_cache=False).last_hidden_state
+    h_p, h_q = h_p.reshape(-1, h_p.shape[-1]), h_q.reshape(-1, h_q.shape[-1])
+    rows = max(1, _LOGIT_ELEMENTS // original.config.vocab_size)
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)
+    for r in range(0, h_p.shape[0], rows):
+        log_p = F.log_softmax(original.lm_head(h_p[r : r + rows]).float(), -1)
+        log_q = F.log_softmax(fused.lm_head(h_q[r : r + rows]).float(), -1)
+        total += (log_p.exp() * (log_p - log_q)).sum(dtype=torch.float64)
+    return total
+
+
+def recipe_measurer(
+    analysis: Analysis,
+    model: str | None = None,
+    data: str | None = None,
+    samples: int | None = None,
+    seq_len: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Measurer:
+    """A Measurer on the model of the analysis (loaded once) and the analysis' calibration tokens by default.
+
+    Each call fuses the model by the plan in memory (a second copy of the weights while it runs) and costs two
+    forward passes over the calibration tokens: the original's and the fused model's.
+    """
+    import torch
+
+    from ffnfusion.adapters import adapter_for
+    from ffnfusion.analyze.identity import model_fingerprint, model_identity
+    from ffnfusion.data import calibration_tokens
+    from ffnfusion.formats.analysis import check_same_model
+    from ffnfusion.io.device import resolve_device, resolve_dtype
+    from ffnfusion.io.source import ModelSourceError, load_model, resolve_model
+    from ffnfusion.surgery import fuse_model
+
+    say = log or (lambda _msg: None)
+    spec = model or analysis.model.name
+    source = resolve_model(spec)
+    hf_config = source.config()
+    decilm_config = adapter_for(hf_config).decilm_config(hf_config)
+    check_same_model(analysis, model_identity(spec, decilm_config))
+    cal = analysis.calibration
+    dev = resolve_device(device or analysis.settings.device)
+    torch_dtype = resolve_dtype(dtype or analysis.settings.dtype, dev)
+    tokenizer = source.tokenizer()
+    if tokenizer is None:
+        raise ModelSourceError(f"{spec} has no tokenizer; measuring plans needs one.")
+    size = batch_size or analysis.settings.batch_size
+    say(f"measuring recipes: loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
+    hf_model = load_model(source, torch_dtype, dev)
+    tokens = calibration_tokens(
+        data or cal.data,
+        tokenizer,
+        samples or cal.samples,
+        seq_len or cal.seq_len,
+        cal.seed,
+        model=hf_model,
+        model_key=analysis.model.config_hash,
+        text_field=cal.text_field,
+    )
+    check = fuse_model(hf_model, Plan())
+    check_same_model(analysis, model_identity(spec, decilm_config, model_fingerprint(check)), compare_weights=True)
+    del check
+
+    def measure(plan: Plan) -> float:
+        fused = fuse_model(hf_model, plan)
+        total = torch.zeros((), dtype=torch.float64)
+        with torch.inference_mode():
+            for first in range(0, tokens.shape[0], size):
+                ids = tokens[first : first + size].to(dev)
+                total += plan_kl_sum(hf_model, fused, ids).cpu()
+        del fused
+        return max(total.item() / tokens.numel(), 0.0)
+
+    return measure

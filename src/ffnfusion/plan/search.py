@@ -100,12 +100,74 @@ class CostModel(BaseModel):
             raise ValueError(f"cost file {path} is not valid JSON ({e}).") from None
         if not isinstance(measured, dict):
             raise ValueError(f'cost file {path} must hold a JSON object like {{"attention_ms": 0.02, ...}}.')
+        if measured.get("format") == "ffnfusion-bench" or "models" in measured:
+            return cls.from_bench(measured, analysis, path.name)
         merged = cls.analytic(analysis).model_dump() | {"source": f"measured: {path.name}"} | measured
         try:
             return cls.model_validate(merged)
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             raise ValueError(f"cost file {path}: {problems}") from None
+
+    @classmethod
+    def from_bench(cls, bench: dict[str, Any], analysis: Analysis, name: str = "bench.json") -> CostModel:
+        """Per-sub-block costs from the batch-1 decode latencies of a bench.json (`ffnfusion bench`).
+
+        Each benchmarked model m gives t_m = memory time + fixed + overhead * depth_m. With the copy bandwidth
+        bench measured on CUDA, the memory time is bench's own floor (weights + KV cache over that bandwidth):
+        attention and FFN cost their weight bytes over it, and the remainder t_m - floor_m is fitted as
+        fixed + overhead * depth_m (least squares over models of different depth; one depth: all of it is
+        overhead). Without a bandwidth (a CPU bench) the analytic model is scaled to the original's decode time.
+        In both cases the original model's predicted latency equals its measured one.
+        """
+        models = [m for m in bench.get("models", []) if isinstance(m, dict) and m.get("runs")]
+        points = []
+        for m in models:
+            runs = sorted((r for r in m["runs"] if "decode_ms_per_token" in r), key=lambda r: r.get("batch", 1))
+            if runs and "sequential_sub_blocks" in m:
+                points.append((m, runs[0]))
+        if not points:
+            raise ValueError(f"cost file {name}: a bench.json without decode latencies (run `ffnfusion bench`).")
+        batch = points[0][1].get("batch", 1)
+        n = analysis.num_layers
+        widths = analysis.model.ffn_widths
+        analytic = cls.analytic(analysis)
+        ref_model, ref_run = max(points, key=lambda p: p[0]["sequential_sub_blocks"])
+        t_ref = ref_run["decode_ms_per_token"]
+        where = f"{name}, batch {batch}, {bench.get('device_name', bench.get('device', 'device'))}"
+        if ref_model["sequential_sub_blocks"] != 2 * n:
+            where += f"; its deepest model has {ref_model['sequential_sub_blocks']} sub-blocks, not {2 * n}"
+        bandwidth = bench.get("copy_bandwidth_GBps")
+        floors = [(p[0]["sequential_sub_blocks"], p[1]) for p in points if "decode_floor_ms" in p[1]]
+        if not bandwidth or len(floors) != len(points):
+            original = Plan()
+            scale = t_ref / analytic.latency_ms(plan_blocks(original, n), widths)
+            values = analytic.model_dump() | {
+                k: getattr(analytic, k) * scale for k in ("attention_ms", "ffn_ms", "overhead_ms", "fixed_ms")
+            }
+            return cls.model_validate(
+                values | {"source": f"analytic scaled x{scale:.3g} to the measured decode time ({where})"}
+            )
+        bytes_per_param = 4.0 if bench.get("dtype") == "float32" else 2.0
+        memory = cls.analytic(analysis, bytes_per_param=bytes_per_param, bandwidth=bandwidth * 1e9)
+        depths = [d for d, _ in floors]
+        rest = [r["decode_ms_per_token"] - r["decode_floor_ms"] for _, r in floors]
+        if len(set(depths)) >= 2:
+            mean_d, mean_r = sum(depths) / len(depths), sum(rest) / len(rest)
+            var = sum((d - mean_d) ** 2 for d in depths)
+            overhead = max(sum((d - mean_d) * (r - mean_r) for d, r in zip(depths, rest)) / var, 0.0)
+        else:
+            overhead = max(rest[0], 0.0) / depths[0]
+        model = cls(
+            attention_ms=memory.attention_ms,
+            ffn_ms=memory.ffn_ms,
+            overhead_ms=overhead,
+            fixed_ms=0.0,
+            base_width=analytic.base_width,
+            source=f"measured: {where}; memory time at {bandwidth:.0f} GB/s copy bandwidth",
+        )
+        fixed = t_ref - model.latency_ms(plan_blocks(Plan(), n), widths)
+        return model.model_copy(update={"fixed_ms": max(fixed, 0.0)})
 
     def block_ms(self, block: Block, widths: list[int]) -> float:
         if block.kind == "parallel":
@@ -175,10 +237,17 @@ def split_windows(
 
 
 def _fusion_groups(
-    analysis: Analysis, removed: set[int], max_group: int, fuse_last: bool, max_dependency: float | None
+    analysis: Analysis,
+    removed: set[int],
+    max_group: int,
+    fuse_last: bool,
+    max_dependency: float | None,
+    taken: set[int] | frozenset[int] = frozenset(),
 ) -> list[list[int]]:
     groups = []
     for run in attention_free_runs(analysis.num_layers, removed):
+        # A layer already in a parallel block keeps its attention, so it can only be a run's first layer.
+        run = [i for i in run if i not in taken]
         candidate = run if fuse_last else run[:-1]
         if len(candidate) >= 2:
             groups += [
@@ -214,14 +283,23 @@ def build_plan(
     max_dependency: float | None = None,
     parallel_threshold: float | None = None,
     max_parallel: int = 2,
+    fuse: bool = True,
+    fixed_parallel: list[list[int]] | None = None,
 ) -> Plan:
-    """The plan for a given set of removed attentions (fusion and parallel groups follow from it)."""
-    fused = _fusion_groups(analysis, removed, max_group, fuse_last, max_dependency)
+    """The plan for a given set of removed attentions (fusion and parallel groups follow from it).
+
+    fuse=False leaves every FFN unfused (attention removal only); `fixed_parallel` are parallel blocks chosen
+    beforehand (their layers keep attention and stay out of fusion groups).
+    """
+    fixed = [list(g) for g in fixed_parallel or []]
+    taken = {i for g in fixed for i in g}
+    fused = _fusion_groups(analysis, removed, max_group, fuse_last, max_dependency, taken) if fuse else []
     parallel = (
-        _parallel_groups(analysis, removed, fused, parallel_threshold, max_parallel)
+        _parallel_groups(analysis, removed | taken, fused, parallel_threshold, max_parallel)
         if parallel_threshold is not None
         else []
     )
+    parallel = sorted(fixed + parallel)
     return Plan(remove_attention=sorted(removed), fuse_ffn=fused, parallel_blocks=parallel)
 
 
@@ -243,6 +321,38 @@ def search_plan(
     rescore: Rescorer | None = None,
 ) -> PlanSearch:
     """Choose attention removals under the budgets, then fusion (and parallel) groups; see the module docstring."""
+    return _search_plan(
+        analysis,
+        remove_attention=remove_attention,
+        max_kl=max_kl,
+        max_group=max_group,
+        target_depth=target_depth,
+        fuse_last=fuse_last,
+        max_dependency=max_dependency,
+        parallel_threshold=parallel_threshold,
+        max_parallel=max_parallel,
+        costs=costs,
+        rescore=rescore,
+    )
+
+
+def _search_plan(
+    analysis: Analysis,
+    remove_attention: int | None = None,
+    max_kl: float | None = None,
+    max_group: int = 8,
+    target_depth: int | None = None,
+    fuse_last: bool = False,
+    max_dependency: float | None = None,
+    parallel_threshold: float | None = None,
+    max_parallel: int = 2,
+    costs: CostModel | None = None,
+    rescore: Rescorer | None = None,
+    fuse: bool = True,
+    fixed_parallel: list[list[int]] | None = None,
+) -> PlanSearch:
+    """search_plan, plus what the recipes need: no fusion (`fuse=False`) and parallel blocks chosen beforehand
+    (`fixed_parallel`: their layers keep their attention)."""
     if remove_attention is not None and max_kl is not None:
         raise ValueError("give either --remove-attention N or --max-kl X, not both.")
     if remove_attention is not None and remove_attention < 0:
@@ -258,7 +368,23 @@ def search_plan(
     widths = analysis.model.ffn_widths
 
     def make(removed: set[int]) -> Plan:
-        return build_plan(analysis, removed, max_group, fuse_last, max_dependency, parallel_threshold, max_parallel)
+        return build_plan(
+            analysis,
+            removed,
+            max_group,
+            fuse_last,
+            max_dependency,
+            parallel_threshold,
+            max_parallel,
+            fuse,
+            fixed_parallel,
+        )
+
+    keep = {i for g in fixed_parallel or [] for i in g}
+    if keep & set(analysis.settings.remove_attention):
+        raise ValueError(
+            f"parallel blocks {fixed_parallel} need whole layers, but the analysis removed attention there"
+        )
 
     base = set(analysis.settings.remove_attention)
     removed = set(base)
@@ -274,6 +400,7 @@ def search_plan(
         if target_depth is not None and depth(plan, n) <= target_depth:
             break
         scores = rescore(removed) if rescore is not None else {i: s for i, s in static.items() if i not in removed}
+        scores = {i: s for i, s in scores.items() if i not in keep}
         if not scores:
             break
         layer = min(scores, key=lambda i: (scores[i], i))
