@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 # Elements of one [chunk x vocab] fp32 tensor: 2^26 is 256 MiB, about 1,365 tokens of a 49,152 vocabulary.
 CHUNK_ELEMENTS = 1 << 26
+# Logit gradients (compute dtype) gathered before one head-weight gradient product: 2^30 elements (2 GiB in bf16).
+# One product over many tokens is much faster than one per chunk, each adding a [vocab x hidden] fp32 tensor.
+GROUP_ELEMENTS = 1 << 30
 
 
 def default_chunk(vocab: int) -> int:
@@ -40,6 +43,7 @@ def _chunk_terms(
     lm_scale: float,
     want_lm: bool,
     want_grad: bool,
+    grad_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(sum of KL over the chunk's rows, sum of NLL, d loss / d student logits) for one chunk of fp32 logits.
 
@@ -70,7 +74,7 @@ def _chunk_terms(
             g_lm = lm_logp.exp()
             g_lm.scatter_add_(1, safe[:, None], -torch.ones_like(picked)[:, None])
             grad = grad + g_lm * (valid[:, None] * lm_scale)
-    return kl, nll, grad
+    return kl, nll, grad.to(grad_dtype) if grad is not None else None
 
 
 _compiled_chunk_terms: Any = None
@@ -117,24 +121,36 @@ class _FusedHeadDistill(torch.autograd.Function):
         grad_w = torch.zeros(s_weight.shape, dtype=torch.float32, device=s_weight.device) if grad_w_needed else None
         kl_sum = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
         nll_sum = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
-        for start in range(0, n, chunk):
-            hs = s_hidden[start : start + chunk].to(compute_dtype)
-            ht = t_hidden[start : start + chunk].to(compute_dtype)
-            zs = hs @ ws.t()
-            zt = ht @ wt.t()
-            tgt = target[start : start + chunk] if want_lm else None
-            kl, nll, grad = fn(zs, zt, tgt, temperature, kl_scale, lm_scale, want_lm, want_grad)
-            kl_sum += kl
-            nll_sum += nll
-            if grad is not None:
-                g = grad.to(compute_dtype)
-                if grad_h is not None:
-                    grad_h[start : start + chunk] = g @ ws
-                if grad_w is not None:
-                    if compute_dtype == torch.float32:
-                        grad_w.addmm_(g.t(), hs)
-                    else:
-                        grad_w += (g.t() @ hs).float()
+        vocab = s_weight.shape[0]
+        # Tokens whose logit gradients are gathered for one weight-gradient product: whole chunks.
+        group = max(chunk, GROUP_ELEMENTS // max(1, vocab) // chunk * chunk)
+        for g_start in range(0, n, group):
+            g_end = min(n, g_start + group)
+            grads = (
+                torch.empty(g_end - g_start, vocab, dtype=compute_dtype, device=s_hidden.device)
+                if grad_w is not None
+                else None
+            )
+            for start in range(g_start, g_end, chunk):
+                end = min(g_end, start + chunk)
+                zs = s_hidden[start:end].to(compute_dtype) @ ws.t()
+                zt = t_hidden[start:end].to(compute_dtype) @ wt.t()
+                tgt = target[start:end] if want_lm else None
+                kl, nll, g = fn(zs, zt, tgt, temperature, kl_scale, lm_scale, want_lm, want_grad, compute_dtype)
+                kl_sum += kl
+                nll_sum += nll
+                if g is not None:
+                    if grad_h is not None:
+                        grad_h[start:end] = g @ ws
+                    if grads is not None:
+                        grads[start - g_start : end - g_start] = g
+            if grads is not None:
+                hs = s_hidden[g_start:g_end].to(compute_dtype)
+                if compute_dtype == torch.float32:
+                    grad_w.addmm_(grads.t(), hs)
+                else:
+                    grad_w += (grads.t() @ hs).float()
+                del grads
         kl = kl_sum * (temperature**2 / n)
         lm = nll_sum / max(1, n_lm)
         total = kl_weight * kl + (lm_weight * lm if want_lm else 0.0)

@@ -243,7 +243,8 @@ def distillation_step(
         )
         return loss, parts, {"logits": s_logits}
     with torch.inference_mode():
-        base = getattr(teacher, "_ffnfusion_forward", None) or getattr(teacher, teacher.base_model_prefix)
+        base = teacher.__dict__.get("_ffnfusion_forward")
+        base = base if base is not None else getattr(teacher, teacher.base_model_prefix)
         t_hidden = base(input_ids=ids, use_cache=False).last_hidden_state
     # Out of inference mode, so autograd may save it (for the cosine term's backward).
     t_hidden = t_hidden.clone()
