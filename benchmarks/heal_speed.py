@@ -85,9 +85,35 @@ def liger_step_loss(*args: Any, compile_chunks: bool = False, **kwargs: Any) -> 
     return liger_distillation_loss(s_hidden, t_hidden, s_head, t_head, ids, kl_w, cos_w, temperature)
 
 
+def bf16_rope(enable: bool) -> None:
+    """Experiment: the fused student's RoPE tables in the autocast dtype, so its attention runs in bf16 (flash).
+
+    DeciLMRotaryEmbedding casts them to the dtype of the fp32 embeddings, which makes q and k fp32 under autocast.
+    """
+    from ffnfusion.modeling import modeling_decilm as m
+
+    original = m.DeciLMRotaryEmbedding.__dict__.get("_original_forward") or m.DeciLMRotaryEmbedding.forward
+    m.DeciLMRotaryEmbedding._original_forward = original
+    if not enable:
+        m.DeciLMRotaryEmbedding.forward = original
+        return
+
+    def forward(self: Any, x: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        cos, sin = original(self, x, position_ids)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin
+
+    m.DeciLMRotaryEmbedding.forward = forward
+
+
 def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: Any, a: argparse.Namespace) -> dict:
-    gc = name.endswith("-gc")
-    base = name.removesuffix("-gc")
+    rope = name.endswith("-rope")
+    name_ = name.removesuffix("-rope")
+    gc = name_.endswith("-gc")
+    base = name_.removesuffix("-gc")
+    bf16_rope(rope)
     settings = HealSettings(
         data=["random"],
         seq_len=a.seq_len,
@@ -157,6 +183,7 @@ def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: A
             times = [t0, *timer.times]
     finally:
         heal_mod.chunked_distillation_loss = original_loss
+        bf16_rope(False)
     steps = [b - a_ for a_, b in itertools.pairwise(times)][a.warmup :]
     median = statistics.median(steps)
     tps = batch * a.seq_len / median
