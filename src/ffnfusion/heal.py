@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import re
 import shutil
@@ -29,10 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ffnfusion.data import DataError, packed_sequences
+from ffnfusion.distill_loss import chunked_distillation_loss
 from ffnfusion.formats.plan import Plan, plan_blocks
+from ffnfusion.heal_budget import (
+    TimeBudgetCallback,
+    TokenProgressCallback,
+    auto_batch_size,
+    budget_problems,
+    log,
+    plan_budget,
+)
 from ffnfusion.io.checkpoint import LazySafetensors, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.io.output import Input, check_output_dir, write_marker
 from ffnfusion.io.source import ModelSource, load_model, resolve_model
@@ -44,7 +53,8 @@ SETTINGS_FILE = "heal_settings.json"
 CHECKPOINTS_VERB = "heal (checkpoints)"
 CURVE_FILE = "loss_curve.png"
 SCOPES = ("all", "changed")
-log = logging.getLogger(__name__)
+LOSS_IMPLS = ("auto", "chunked", "plain")
+COMPILE_MODES = ("none", "loss", "all")
 
 
 class HealError(ValueError):
@@ -61,10 +71,13 @@ class HealSettings:
     self_samples: int = 256
     self_batch_size: int = 64
     text_field: str = "text"
-    batch_size: int = 8
+    batch_size: int | None = None  # None: automatic (memory-probed on CUDA, 8 elsewhere)
     grad_accum: int = 1
     epochs: float = 1.0
     max_steps: int = -1
+    tokens: int | None = None  # training-token budget (whole optimizer steps, rounded down)
+    minutes: float | None = None  # time budget; whichever of tokens / minutes comes first
+    max_epochs: int = 1  # under a budget, no sequence is seen more often than this
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup: float = 0.05
@@ -78,6 +91,8 @@ class HealSettings:
     bf16: bool | None = None
     gradient_checkpointing: bool = False
     fsdp: str = ""
+    loss_impl: str = "auto"  # chunked: LM heads inside the loss, chunked over tokens; plain: full logits
+    compile: str = "loss"  # torch.compile on CUDA: none, the loss's chunk kernel, or also the models
 
     def check(self) -> None:
         problems = []
@@ -89,8 +104,20 @@ class HealSettings:
             problems.append("all loss weights are zero: nothing to train on")
         if self.temperature <= 0:
             problems.append(f"--temperature must be positive (got {self.temperature})")
-        if self.batch_size < 1 or self.grad_accum < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.grad_accum < 1:
             problems.append("--batch-size and --grad-accum must be at least 1")
+        if self.loss_impl not in LOSS_IMPLS:
+            problems.append(f"--loss-impl must be one of {', '.join(LOSS_IMPLS)} (got {self.loss_impl!r})")
+        elif self.loss_impl == "chunked" and self.fsdp:
+            problems.append(
+                "--loss-impl chunked needs the unsharded LM head: use --loss-impl plain (or auto) with --fsdp"
+            )
+        if self.compile not in COMPILE_MODES:
+            problems.append(f"--compile must be one of {', '.join(COMPILE_MODES)} (got {self.compile!r})")
+        step_tokens = (self.batch_size or 1) * max(1, self.grad_accum) * self.seq_len
+        problems += budget_problems(
+            self.tokens, self.minutes, self.max_epochs, self.max_steps, self.seq_len, step_tokens
+        )
         if self.neighbours < 0:
             problems.append("--neighbours must not be negative")
         if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
@@ -102,7 +129,9 @@ class HealSettings:
 
     def training_key(self) -> dict[str, Any]:
         """The settings a resumed run must share with the interrupted one (bf16 None means 'auto', resolved)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("fsdp", "self_batch_size")}
+        # Not compared: how the run is executed or how long it may take (a resumed run gets its own --minutes).
+        skip = ("fsdp", "self_batch_size", "minutes", "loss_impl", "compile")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 @dataclass
@@ -120,6 +149,12 @@ class HealSummary:
     first_loss: float | None
     last_loss: float | None
     log_history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    batch_size: int = 0
+    budget_tokens: int | None = None
+    limited_by: str = ""
+    stopped_by_time: bool = False
+    train_tflops: float = math.nan  # model FLOP/s achieved (6 x student + 2 x teacher matmul params per token)
+    warnings: list[str] = field(default_factory=list)
 
 
 class TokenDataset(Dataset):
@@ -173,6 +208,75 @@ def _final_hidden_and_logits(model: torch.nn.Module, input_ids: torch.Tensor) ->
     return out.hidden_states[-1], out.logits
 
 
+def _head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The LM head's weight [vocab, hidden], or None where the chunked loss cannot use it (bias, no plain Linear)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return None
+    return head.weight
+
+
+def use_chunked_loss(settings: HealSettings, student: torch.nn.Module, teacher: torch.nn.Module) -> bool:
+    """Whether the run computes the loss from hidden states with the heads inside it (see distill_loss.py)."""
+    if settings.loss_impl == "plain" or (settings.loss_impl == "auto" and settings.fsdp):
+        return False
+    usable = _head_weight(student) is not None and _head_weight(teacher) is not None
+    if settings.loss_impl == "chunked" and not usable:
+        raise HealError("--loss-impl chunked needs LM heads that are plain Linear layers without bias.")
+    return usable
+
+
+def distillation_step(
+    model: torch.nn.Module,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    ids: torch.Tensor,
+    settings: HealSettings,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(loss, detached parts, outputs) of one micro-batch. `model` is the student as training calls it (maybe
+    DDP-wrapped, so gradient synchronisation hooks run), `student` the same module unwrapped."""
+    s = settings
+    if not use_chunked_loss(s, student, teacher):
+        with torch.no_grad():
+            t_hidden, t_logits = _final_hidden_and_logits(teacher, ids)
+        s_hidden, s_logits = _final_hidden_and_logits(model, ids)
+        loss, parts = distillation_loss(
+            s_logits, t_logits, s_hidden, t_hidden, ids, s.kl_weight, s.cos_weight, s.lm_weight, s.temperature
+        )
+        return loss, parts, {"logits": s_logits}
+    with torch.inference_mode():
+        base = teacher.__dict__.get("_ffnfusion_forward")
+        base = base if base is not None else getattr(teacher, teacher.base_model_prefix)
+        t_hidden = base(input_ids=ids, use_cache=False).last_hidden_state
+    # Out of inference mode, so autograd may save it (for the cosine term's backward).
+    t_hidden = t_hidden.clone()
+    # The student's own forward, with the head applied to one position only: the loss applies it, in chunks.
+    out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    s_hidden = out.hidden_states[-1]
+    loss, parts = chunked_distillation_loss(
+        s_hidden,
+        t_hidden,
+        _head_weight(student),
+        _head_weight(teacher),
+        ids,
+        s.kl_weight,
+        s.cos_weight,
+        s.lm_weight,
+        s.temperature,
+        compile_chunks=ids.is_cuda and s.compile in ("loss", "all"),
+    )
+    return loss, parts, {"hidden_states": s_hidden}
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Parameters that take part in matrix products per token (all but the input embedding table, unless tied)."""
+    total = sum(p.numel() for p in model.parameters())
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and embed is not None and head.weight is not embed.weight:
+        total -= embed.weight.numel()
+    return total
+
+
 class DistillationTrainer(Trainer):
     """Trainer whose loss is distillation from a frozen teacher; everything else is stock Trainer behaviour."""
 
@@ -193,18 +297,13 @@ class DistillationTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         ids = inputs["input_ids"]
-        with torch.no_grad():
-            t_hidden, t_logits = _final_hidden_and_logits(self.teacher, ids)
-        # Through the (possibly DDP/FSDP-wrapped) model, so gradient synchronisation hooks run.
-        s_hidden, s_logits = _final_hidden_and_logits(model, ids)
-        s = self.settings
-        loss, parts = distillation_loss(
-            s_logits, t_logits, s_hidden, t_hidden, ids, s.kl_weight, s.cos_weight, s.lm_weight, s.temperature
+        loss, parts, outputs = distillation_step(
+            model, self.accelerator.unwrap_model(model), self.teacher, ids, self.settings
         )
         for name, value in parts.items():
             self._parts[name] = self._parts.get(name, 0) + value
         self._parts_count += 1
-        return (loss, {"logits": s_logits}) if return_outputs else loss
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         # Trainer logs only the total; add the loss components averaged since the last log, over all processes.
@@ -443,6 +542,8 @@ def _check_resume(checkpoint_dir: Path, settings: HealSettings, resume: bool) ->
         raise HealError(f"--resume: no checkpoint found in {checkpoint_dir}.")
     if saved.is_file():
         before = json.loads(saved.read_text())
+        if settings.batch_size is None and before.get("batch_size"):
+            settings.batch_size = int(before["batch_size"])  # the automatic size the interrupted run picked
         now = json.loads(json.dumps(settings.training_key()))
         differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if differ:
@@ -499,7 +600,7 @@ def heal(
 
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=settings.batch_size,
+        per_device_train_batch_size=settings.batch_size or 1,  # set below once the automatic size is known
         gradient_accumulation_steps=settings.grad_accum,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
@@ -518,14 +619,27 @@ def heal(
         report_to="none",
         remove_unused_columns=False,
         dataloader_drop_last=True,
-        disable_tqdm=not progress,
+        disable_tqdm=True,  # the progress bar is TokenProgressCallback's
         fsdp=settings.fsdp or None,
         use_cpu=not torch.cuda.is_available(),
+        torch_compile=settings.compile == "all" and torch.cuda.is_available(),
     )
+    if settings.tokens is not None and settings.batch_size is not None:
+        step_tokens = settings.batch_size * settings.grad_accum * args.world_size * settings.seq_len
+        if settings.tokens < step_tokens:
+            raise HealError(
+                f"--tokens {settings.tokens:,} is smaller than one optimizer step ({step_tokens:,} tokens over "
+                f"{args.world_size} processes): raise --tokens or lower --batch-size / --seq-len."
+            )
     # Every process builds the same sequences; the main process goes first so `self` text is sampled once and
     # cached, and the others read the cache.
     teacher_model = load_model(t_source, torch.bfloat16 if settings.bf16 else torch.float32, args.device)
     teacher_model.requires_grad_(False)
+    if settings.compile == "all" and torch.cuda.is_available():
+        # Kept out of the module tree (no state_dict entries): the compiled forward of the teacher's decoder.
+        teacher_model.__dict__["_ffnfusion_forward"] = torch.compile(
+            getattr(teacher_model, teacher_model.base_model_prefix)
+        )
     with args.main_process_first(desc="preparing training text"):
         sequences = torch.cat(
             [
@@ -544,11 +658,10 @@ def heal(
                 for spec in settings.data
             ]
         )
-    global_batch = settings.batch_size * settings.grad_accum * args.world_size
-    if sequences.shape[0] < settings.batch_size * args.world_size:
+    if sequences.shape[0] < (settings.batch_size or 1) * args.world_size:
         raise DataError(
             f"the data gives {sequences.shape[0]} sequences of {settings.seq_len} tokens, fewer than one batch "
-            f"({settings.batch_size} per device x {args.world_size} processes): use more text, a smaller "
+            f"({settings.batch_size or 1} per device x {args.world_size} processes): use more text, a smaller "
             "--batch-size or a shorter --seq-len."
         )
 
@@ -559,6 +672,36 @@ def heal(
     )
     trainable = freeze_outside(student_model, blocks) if settings.scope != "all" else student_model.num_parameters()
     total = student_model.num_parameters()
+    if settings.batch_size is None:
+        settings.batch_size = _auto_batch_size(student_model, teacher_model, sequences, settings, args, trainable)
+    global_batch = settings.batch_size * settings.grad_accum * args.world_size
+    try:
+        budget = plan_budget(
+            int(sequences.shape[0]),
+            settings.seq_len,
+            settings.batch_size,
+            settings.grad_accum,
+            args.world_size,
+            settings.tokens,
+            settings.minutes,
+            settings.max_epochs,
+            settings.max_steps,
+            settings.epochs,
+        )
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    warnings = [budget.warning] if budget.warning else []
+    if budget.warning and args.process_index == 0:
+        log.warning(budget.warning)
+    args.per_device_train_batch_size = settings.batch_size
+    if budget.limited_by != "epochs":
+        args.max_steps = budget.steps
+    callbacks = list(callbacks or [])
+    timer = TimeBudgetCallback(settings.minutes) if settings.minutes is not None else None
+    if timer is not None:
+        callbacks.append(timer)
+    if progress:
+        callbacks.append(TokenProgressCallback(budget.tokens_per_step, settings.minutes))
 
     if args.process_index == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -574,6 +717,8 @@ def heal(
         teacher=teacher_model,
         settings=settings,
     )
+    if progress:
+        trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume_from)
 
     # Collective on FSDP (gathers the shards), so every process calls it; only the main one writes.
@@ -583,6 +728,17 @@ def heal(
     tokens = steps * global_batch * settings.seq_len
     seconds = float(result.metrics.get("train_runtime", float("nan")))
     losses = [r["loss"] for r in history if "loss" in r]
+    tokens_per_second = tokens / seconds if seconds > 0 else math.nan
+    flops_per_token = 6 * matmul_parameters(trainer.accelerator.unwrap_model(trainer.model))
+    flops_per_token += 2 * matmul_parameters(teacher_model)
+    stopped_by_time = bool(timer and timer.stopped_early)
+    if timer is not None and not stopped_by_time and budget.limited_by == "data" and settings.tokens is None:
+        warnings.append(
+            f"the data ran out before --minutes {settings.minutes:g} ({budget.steps} steps at --max-epochs "
+            f"{settings.max_epochs}): give more text to use the whole time budget."
+        )
+        if args.process_index == 0:
+            log.warning(warnings[-1])
     summary = HealSummary(
         out=out,
         steps=steps,
@@ -590,13 +746,19 @@ def heal(
         seq_len=settings.seq_len,
         tokens=tokens,
         train_seconds=seconds,
-        tokens_per_second=tokens / seconds if seconds > 0 else math.nan,
+        tokens_per_second=tokens_per_second,
         trainable_parameters=trainable,
         total_parameters=total,
         trainable_blocks=blocks,
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         log_history=history,
+        batch_size=settings.batch_size,
+        budget_tokens=settings.tokens,
+        limited_by="minutes" if stopped_by_time else budget.limited_by,
+        stopped_by_time=stopped_by_time,
+        train_tflops=tokens_per_second * flops_per_token / 1e12,
+        warnings=warnings,
     )
     if trainer.is_world_process_zero():
         _write_output(out, inputs, s_source, student_config, state, tokenizer, summary, settings, overwrite)
@@ -604,6 +766,45 @@ def heal(
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def _auto_batch_size(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    sequences: torch.Tensor,
+    settings: HealSettings,
+    args: TrainingArguments,
+    trainable: int,
+) -> int:
+    """The micro-batch for throughput (heal_budget.auto_batch_size), probed with real training steps on CUDA."""
+    device = args.device
+    upper = int(sequences.shape[0]) // args.world_size
+    if settings.tokens is not None:
+        upper = min(upper, settings.tokens // (settings.grad_accum * args.world_size * settings.seq_len))
+    upper = max(1, upper)
+    if device.type != "cuda":
+        return auto_batch_size(lambda b: None, settings.seq_len, device, 0, upper)
+    student.to(device)
+    student.train()
+    if settings.gradient_checkpointing:
+        student.gradient_checkpointing_enable({"use_reentrant": False})
+
+    def step(b: int) -> None:
+        ids = sequences[:b].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(settings.bf16)):
+            loss, _, _ = distillation_step(student, student, teacher, ids, settings)
+        loss.backward()
+        del loss
+        student.zero_grad(set_to_none=False)  # keep the gradients allocated: training holds them too
+
+    try:
+        # AdamW's two fp32 moments per trainable parameter are not allocated yet; leave 1 GiB besides.
+        return auto_batch_size(step, settings.seq_len, device, 8 * trainable + 2**30, upper)
+    finally:
+        student.zero_grad(set_to_none=True)
+        if settings.gradient_checkpointing:
+            student.gradient_checkpointing_disable()
+        torch.cuda.empty_cache()
 
 
 def _write_output(
