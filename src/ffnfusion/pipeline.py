@@ -34,6 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ffnfusion.formats.run import load_run_state
 from ffnfusion.io.output import Input, check_output_dir, write_atomic, write_marker
 
+# A run whose configuration names no healing budget heals on this many tokens per parameter of the model (within
+# the bounds below): 27M tokens for a 135M model, which with the teacher writing them and the analysis fits one
+# 10-minute job on one H200 (benchmarks/RESULTS.md); larger models are capped at 268M tokens.
+HEAL_TOKENS_PER_PARAMETER = 0.2
+HEAL_TOKENS_MIN, HEAL_TOKENS_MAX = 2**22, 2**28
+HEAL_BUDGET_KEYS = {"tokens", "minutes", "max_steps", "epochs"}
+
 STAGES = ("analyze", "plan", "fuse", "heal", "eval", "bench", "report")
 UPSTREAM = {
     "analyze": (),
@@ -210,6 +217,7 @@ class Run:
         self.state_file = self.dir / "run.json"
         self.state: dict[str, Any] = load_run_state(self.state_file)
         self.keys: dict[str, str] = {}
+        self._default_heal_tokens: int | None = None
 
     def path(self, relative: str) -> Path:
         return self.dir / relative
@@ -249,7 +257,16 @@ class Run:
             if needed in skip and by not in skip and not self.path(OUTPUTS[needed][0]).exists():
                 raise RunConfigError(f"--skip {needed} leaves nothing for {by}: skip {by} too, or run {needed}.")
         last = STAGES.index(stop_after) if stop_after is not None else len(STAGES) - 1
-        self.preflight([s for s in STAGES[: last + 1] if self._skip_reason(s, skip) is None])
+        will_run = [s for s in STAGES[: last + 1] if self._skip_reason(s, skip) is None]
+        self.preflight(will_run)
+        if "heal" in will_run and not HEAL_BUDGET_KEYS & self.config.heal.keys():
+            options = self.heal_options()
+            samples = options.get("self_samples")
+            corpus = f", on {samples:,} sequences the teacher writes" if samples else ""
+            self.log(
+                f"[heal] budget: {options['tokens']:,} training tokens ({HEAL_TOKENS_PER_PARAMETER} per parameter)"
+                f"{corpus}; set heal: {{tokens: N}} or {{minutes: M}} to change it"
+            )
         # A run folder is resumed, never replaced: non-empty, it must be an earlier run's folder.
         check_output_dir(self.dir, "run", self.config.inputs(), overwrite=True)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -285,9 +302,8 @@ class Run:
         Otherwise a wrong eval text path, say, is reported only after analyze, plan, fuse and heal have run. Only
         cheap checks: headers of the model's weight files, existence of text and task files, option values.
         """
-        from ffnfusion.analyze.stage import resolve_device
         from ffnfusion.data import check_text_source
-        from ffnfusion.io.device import parse_dtype
+        from ffnfusion.io.device import parse_dtype, resolve_device
         from ffnfusion.io.source import resolve_model
 
         cfg = self.config
@@ -352,12 +368,45 @@ class Run:
     def _skip_reason(self, stage: str, skip: set[str]) -> str | None:
         if stage in skip:
             return "--skip"
-        if stage == "bench":
-            import torch
-
-            if not torch.cuda.is_available() or self.config.device == "cpu":
-                return "needs a CUDA GPU (latency on CPU says nothing about serving speed)"
+        if stage == "bench" and not self.on_gpu:
+            return "needs a CUDA GPU (latency on CPU says nothing about serving speed)"
+        if stage == "heal" and not self.on_gpu and not HEAL_BUDGET_KEYS & self.config.heal.keys():
+            tokens = self.default_heal_tokens()
+            return (
+                f"no CUDA GPU: a useful heal of this model ({tokens:,} tokens) takes hours on a CPU at a few "
+                "thousand tokens/s; set heal: {tokens: N} or {max_steps: N} to heal here anyway"
+            )
         return None
+
+    @property
+    def on_gpu(self) -> bool:
+        return _cuda() and self.config.device != "cpu"
+
+    def default_heal_tokens(self) -> int:
+        """The healing budget when the configuration names none: sized to the model (see HEAL_TOKENS_PER_PARAMETER)."""
+        from ffnfusion.adapters import adapter_for
+        from ffnfusion.fuse import count_parameters
+        from ffnfusion.io.source import resolve_model
+
+        if self._default_heal_tokens is None:
+            hf_config = resolve_model(self.config.model).config()
+            parameters = count_parameters(adapter_for(hf_config).decilm_config(hf_config))
+            tokens = int(HEAL_TOKENS_PER_PARAMETER * parameters)
+            self._default_heal_tokens = min(max(tokens, HEAL_TOKENS_MIN), HEAL_TOKENS_MAX)
+        return self._default_heal_tokens
+
+    def heal_options(self) -> dict[str, Any]:
+        """heal's options: the configuration's, with the default budget (and a self-written corpus of that size)."""
+        cfg = self.config
+        options = {"data": [cfg.data], "seed": cfg.seed, **cfg.heal}
+        if isinstance(options["data"], str):
+            options["data"] = [options["data"]]
+        if not HEAL_BUDGET_KEYS & cfg.heal.keys():
+            options["tokens"] = self.default_heal_tokens()
+            if "self" in options["data"] and "self_samples" not in cfg.heal:
+                # One epoch over a corpus the teacher writes for this budget: no sequence is seen twice.
+                options["self_samples"] = -(-options["tokens"] // options.get("seq_len", 512))
+        return options
 
     # ---- the stages: thin calls of each stage's own function --------------------------------------------------
 
@@ -432,9 +481,7 @@ class Run:
 
         cfg = self.config
         setting_names = {f.name for f in fields(HealSettings)}
-        options = {"data": [cfg.data], "seed": cfg.seed, **cfg.heal}
-        if isinstance(options["data"], str):
-            options["data"] = [options["data"]]
+        options = self.heal_options()
         settings = HealSettings(**{k: v for k, v in options.items() if k in setting_names})
         extra = {k: v for k, v in options.items() if k not in setting_names}
         checkpoints = self.path("healed.checkpoints")

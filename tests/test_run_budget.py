@@ -1,0 +1,58 @@
+"""`ffnfusion run`'s healing budget: sized to the model when the configuration names none, said up front, skipped
+with the reason on a CPU, and honoured to the token when given."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analysis_fakes import save_with_tokenizer, text_file
+from conftest import tiny_model
+from ffnfusion.pipeline import HEAL_TOKENS_MIN, Run, RunConfig, run
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("budget")
+    model = save_with_tokenizer(tiny_model("llama", seed=4, num_hidden_layers=6), root / "model")
+    return model, text_file(root / "train.txt", words=4000, seed=1)
+
+
+def _run(model: Path, tmp_path: Path, **sections) -> Run:
+    return Run(RunConfig.load(None, model=str(model), **sections), tmp_path / "out", log=lambda _m: None)
+
+
+def test_default_budget_is_sized_to_the_model_and_writes_a_corpus_of_that_size(setup, tmp_path) -> None:
+    model, _ = setup
+    r = _run(model, tmp_path)  # data: self
+    options = r.heal_options()
+    assert options["tokens"] == r.default_heal_tokens() == HEAL_TOKENS_MIN  # a tiny model gets the floor
+    assert options["self_samples"] * 512 >= options["tokens"] > (options["self_samples"] - 1) * 512
+    given = _run(model, tmp_path, heal={"tokens": 4096, "seq_len": 32})
+    assert given.heal_options()["tokens"] == 4096 and "self_samples" not in given.heal_options()
+
+
+def test_cpu_skips_the_default_heal_with_the_reason(setup, tmp_path) -> None:
+    model, _ = setup
+    reason = _run(model, tmp_path, device="cpu")._skip_reason("heal", set())
+    assert reason is not None and f"{HEAL_TOKENS_MIN:,} tokens" in reason and "heal: {tokens: N}" in reason
+    assert _run(model, tmp_path, device="cpu", heal={"max_steps": 2})._skip_reason("heal", set()) is None
+
+
+def test_a_given_token_budget_is_honoured(setup, tmp_path) -> None:
+    model, text = setup
+    sections = {
+        "data": str(text),
+        "device": "cpu",
+        "analyze": {"samples": 4, "seq_len": 32, "max_window": 4},
+        "plan": {"remove_attention": 2},
+        "fuse": {"allow_any_width": True},
+        "heal": {"tokens": 4 * 32 * 3, "seq_len": 32, "batch_size": 4},
+    }
+    messages: list[str] = []
+    status = run(str(model), tmp_path / "out", stop_after="heal", log=messages.append, **sections)
+    assert status["heal"] == "ran"
+    summary = json.loads((tmp_path / "out" / "healed" / "heal_summary.json").read_text())["result"]
+    assert summary["tokens"] == 4 * 32 * 3 and summary["steps"] == 3
