@@ -31,7 +31,11 @@ def test_default_budget_is_sized_to_the_model_and_writes_a_corpus_of_that_size(s
     assert options["tokens"] == r.default_heal_tokens() == HEAL_TOKENS_MIN  # a tiny model gets the floor
     assert options["self_samples"] * 512 >= options["tokens"] > (options["self_samples"] - 1) * 512
     given = _run(model, tmp_path, heal={"tokens": 4096, "seq_len": 32})
-    assert given.heal_options()["tokens"] == 4096 and "self_samples" not in given.heal_options()
+    assert given.heal_options()["tokens"] == 4096 and given.heal_options()["self_samples"] == 128
+    capped = _run(model, tmp_path, heal={"minutes": 2})  # a time cap keeps the sized budget
+    assert capped.heal_options()["tokens"] == HEAL_TOKENS_MIN and capped.heal_options()["minutes"] == 2
+    from_file = _run(model, tmp_path, data="train.txt", heal={"tokens": 4096})
+    assert "self_samples" not in from_file.heal_options()
 
 
 def test_cpu_skips_the_default_heal_with_the_reason(setup, tmp_path) -> None:

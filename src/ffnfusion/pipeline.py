@@ -39,7 +39,9 @@ from ffnfusion.io.output import Input, check_output_dir, write_atomic, write_mar
 # 10-minute job on one H200 (benchmarks/RESULTS.md); larger models are capped at 268M tokens.
 HEAL_TOKENS_PER_PARAMETER = 0.2
 HEAL_TOKENS_MIN, HEAL_TOKENS_MAX = 2**22, 2**28
-HEAL_BUDGET_KEYS = {"tokens", "minutes", "max_steps", "epochs"}
+# Options that size the heal (without them the default budget applies); `minutes` only caps it.
+HEAL_SIZE_KEYS = {"tokens", "max_steps", "epochs"}
+HEAL_BUDGET_KEYS = HEAL_SIZE_KEYS | {"minutes"}
 
 STAGES = ("analyze", "plan", "fuse", "heal", "eval", "bench", "report")
 UPSTREAM = {
@@ -259,7 +261,7 @@ class Run:
         last = STAGES.index(stop_after) if stop_after is not None else len(STAGES) - 1
         will_run = [s for s in STAGES[: last + 1] if self._skip_reason(s, skip) is None]
         self.preflight(will_run)
-        if "heal" in will_run and not HEAL_BUDGET_KEYS & self.config.heal.keys():
+        if "heal" in will_run and not HEAL_SIZE_KEYS & self.config.heal.keys():
             options = self.heal_options()
             samples = options.get("self_samples")
             corpus = f", on {samples:,} sequences the teacher writes" if samples else ""
@@ -401,11 +403,11 @@ class Run:
         options = {"data": [cfg.data], "seed": cfg.seed, **cfg.heal}
         if isinstance(options["data"], str):
             options["data"] = [options["data"]]
-        if not HEAL_BUDGET_KEYS & cfg.heal.keys():
+        if not HEAL_SIZE_KEYS & cfg.heal.keys():
             options["tokens"] = self.default_heal_tokens()
-            if "self" in options["data"] and "self_samples" not in cfg.heal:
-                # One epoch over a corpus the teacher writes for this budget: no sequence is seen twice.
-                options["self_samples"] = -(-options["tokens"] // options.get("seq_len", 512))
+        if options.get("tokens") and "self" in options["data"] and "self_samples" not in cfg.heal:
+            # One epoch over a corpus the teacher writes for this budget: no sequence is seen twice.
+            options["self_samples"] = -(-options["tokens"] // options.get("seq_len", 512))
         return options
 
     # ---- the stages: thin calls of each stage's own function --------------------------------------------------
