@@ -304,35 +304,15 @@ def plan_(
         if model is not None and not iterative:
             check_model(a, model)
         cost_model = CostModel.load(costs, a) if costs is not None else None
-        rescore = None
-        if iterative:
-            rescore = iterative_rescorer(
-                a,
-                model=model,
-                data=data,
-                samples=samples,
-                seq_len=seq_len,
-                device=device,
-                dtype=dtype,
-                batch_size=batch_size,
-                log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
-                stream=stream,
-            )
+        # What re-measuring on the model needs (--iterative, --measure-recipes): the analysis' settings by default.
+        on_model = dict(
+            model=model, data=data, samples=samples, seq_len=seq_len, device=device, dtype=dtype,
+            batch_size=batch_size, log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+        )  # fmt: skip
+        rescore = iterative_rescorer(a, stream=stream, **on_model) if iterative else None
         comparison = None
         if compare:
-            measure = None
-            if measure_recipes:
-                measure = recipe_measurer(
-                    a,
-                    model=model,
-                    data=data,
-                    samples=samples,
-                    seq_len=seq_len,
-                    device=device,
-                    dtype=dtype,
-                    batch_size=batch_size,
-                    log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
-                )
+            measure = recipe_measurer(a, **on_model) if measure_recipes else None
             comparison = compare_recipes(
                 a,
                 target_depth,

@@ -142,7 +142,7 @@ def stage_options() -> dict[str, set[str]]:
     wired = {"model", "out", "overwrite", "log", "show_progress", "progress", "callbacks", "command", "force_plan"}
     return {
         "analyze": _params(analyze, wired),
-        "plan": _params(search_plan, {"analysis", "rescore", "costs"})
+        "plan": _params(search_plan, {"analysis", "rescore", "costs", "fuse", "fixed_parallel"})
         | {"iterative", "costs", "recipe", "measure_recipes", "max_pairs"},
         "fuse": _params(fuse, wired | {"plan"}),
         "heal": {f.name for f in fields(HealSettings)} | _params(heal, wired | {"student", "teacher", "settings"}),

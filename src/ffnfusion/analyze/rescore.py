@@ -11,6 +11,7 @@ Input: an analysis (its model, data and settings by default); output: fresh KL f
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ffnfusion.formats.analysis import Analysis
@@ -20,6 +21,80 @@ from ffnfusion.formats.plan import Plan
 Rescorer = Callable[[set[int]], dict[int, float]]
 # The mean KL(original || model made by the plan) of the next-token distributions over the calibration tokens.
 Measurer = Callable[[Plan], float]
+
+
+@dataclass
+class _OnModel:
+    """The analysis' model opened for re-measuring: checked against the analysis, on its device and dtype."""
+
+    spec: str
+    source: Any
+    decilm_config: dict[str, Any]
+    tokenizer: Any
+    device: Any
+    dtype: Any
+    batch_size: int
+    calibrate: Callable[[Any], Any]  # model (or loader) -> [samples, seq_len] calibration tokens
+
+
+def _open_model(
+    analysis: Analysis,
+    model: str | None,
+    data: str | None,
+    samples: int | None,
+    seq_len: int | None,
+    device: str | None,
+    dtype: str | None,
+    batch_size: int | None,
+    why: str,
+) -> _OnModel:
+    """The analysis' model (or `model`, which must match it) and calibration text (by default the analysis')."""
+    from ffnfusion.adapters import adapter_for
+    from ffnfusion.analyze.identity import model_identity
+    from ffnfusion.data import calibration_tokens
+    from ffnfusion.formats.analysis import check_same_model
+    from ffnfusion.io.device import resolve_device, resolve_dtype
+    from ffnfusion.io.source import ModelSourceError, resolve_model
+
+    spec = model or analysis.model.name
+    source = resolve_model(spec)
+    hf_config = source.config()
+    decilm_config = adapter_for(hf_config).decilm_config(hf_config)
+    check_same_model(analysis, model_identity(spec, decilm_config))
+    cal = analysis.calibration
+    dev = resolve_device(device or analysis.settings.device)
+    tokenizer = source.tokenizer()
+    if tokenizer is None:
+        raise ModelSourceError(f"{spec} has no tokenizer; {why} needs one.")
+
+    def calibrate(model_or_loader: Any) -> Any:
+        return calibration_tokens(
+            data or cal.data,
+            tokenizer,
+            samples or cal.samples,
+            seq_len or cal.seq_len,
+            cal.seed,
+            model=model_or_loader,
+            model_key=analysis.model.config_hash,
+            text_field=cal.text_field,
+        )
+
+    return _OnModel(
+        spec, source, decilm_config, tokenizer, dev, resolve_dtype(dtype or analysis.settings.dtype, dev),
+        batch_size or analysis.settings.batch_size, calibrate,
+    )  # fmt: skip
+
+
+def _check_weights(analysis: Analysis, on: _OnModel, hf_model: Any) -> Any:
+    """The model as DeciLM (empty plan), after checking its weights are the analysed ones."""
+    from ffnfusion.analyze.identity import model_fingerprint, model_identity
+    from ffnfusion.formats.analysis import check_same_model
+    from ffnfusion.surgery import fuse_model
+
+    decilm = fuse_model(hf_model, Plan())
+    identity = model_identity(on.spec, on.decilm_config, model_fingerprint(decilm))
+    check_same_model(analysis, identity, compare_weights=True)
+    return decilm
 
 
 def _streamed_rescorer(
@@ -78,50 +153,22 @@ def iterative_rescorer(
     """
     import torch
 
-    from ffnfusion.adapters import adapter_for
     from ffnfusion.analyze.attention import score_attention
-    from ffnfusion.analyze.identity import model_fingerprint, model_identity
     from ffnfusion.analyze.runner import SubBlockRunner
-    from ffnfusion.data import calibration_tokens
-    from ffnfusion.formats.analysis import check_same_model
-    from ffnfusion.io.device import resolve_device, resolve_dtype
-    from ffnfusion.io.source import ModelSourceError, load_model, resolve_model
-    from ffnfusion.surgery import fuse_model
+    from ffnfusion.io.source import load_model
 
     say = log or (lambda _msg: None)
-    spec = model or analysis.model.name
-    source = resolve_model(spec)
-    hf_config = source.config()
-    decilm_config = adapter_for(hf_config).decilm_config(hf_config)
-    check_same_model(analysis, model_identity(spec, decilm_config))
-    cal = analysis.calibration
-    dev = resolve_device(device or analysis.settings.device)
-    torch_dtype = resolve_dtype(dtype or analysis.settings.dtype, dev)
-    tokenizer = source.tokenizer()
-    if tokenizer is None:
-        raise ModelSourceError(f"{spec} has no tokenizer; iterative re-scoring needs one.")
-    size = batch_size or analysis.settings.batch_size
-
-    def calibrate(model_or_loader: Any) -> torch.Tensor:
-        return calibration_tokens(
-            data or cal.data,
-            tokenizer,
-            samples or cal.samples,
-            seq_len or cal.seq_len,
-            cal.seed,
-            model=model_or_loader,
-            model_key=analysis.model.config_hash,
-            text_field=cal.text_field,
-        )
-
+    on = _open_model(analysis, model, data, samples, seq_len, device, dtype, batch_size, "iterative re-scoring")
+    size = on.batch_size
     if stream:
-        return _streamed_rescorer(analysis, spec, source, decilm_config, calibrate, dev, torch_dtype, size, say)
-    say(f"iterative mode: loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
-    hf_model = load_model(source, torch_dtype, dev)
-    tokens = calibrate(hf_model)
-    decilm = fuse_model(hf_model, Plan())
+        return _streamed_rescorer(
+            analysis, on.spec, on.source, on.decilm_config, on.calibrate, on.device, on.dtype, size, say
+        )
+    say(f"iterative mode: loading {on.spec} ({str(on.dtype).removeprefix('torch.')}, {on.device})")
+    hf_model = load_model(on.source, on.dtype, on.device)
+    tokens = on.calibrate(hf_model)
+    decilm = _check_weights(analysis, on, hf_model)
     del hf_model
-    check_same_model(analysis, model_identity(spec, decilm_config, model_fingerprint(decilm)), compare_weights=True)
     runner = SubBlockRunner(decilm)
 
     def rescore(removed: set[int]) -> dict[int, float]:
@@ -174,42 +221,16 @@ def recipe_measurer(
     """
     import torch
 
-    from ffnfusion.adapters import adapter_for
-    from ffnfusion.analyze.identity import model_fingerprint, model_identity
-    from ffnfusion.data import calibration_tokens
-    from ffnfusion.formats.analysis import check_same_model
-    from ffnfusion.io.device import resolve_device, resolve_dtype
-    from ffnfusion.io.source import ModelSourceError, load_model, resolve_model
+    from ffnfusion.io.source import load_model
     from ffnfusion.surgery import fuse_model
 
     say = log or (lambda _msg: None)
-    spec = model or analysis.model.name
-    source = resolve_model(spec)
-    hf_config = source.config()
-    decilm_config = adapter_for(hf_config).decilm_config(hf_config)
-    check_same_model(analysis, model_identity(spec, decilm_config))
-    cal = analysis.calibration
-    dev = resolve_device(device or analysis.settings.device)
-    torch_dtype = resolve_dtype(dtype or analysis.settings.dtype, dev)
-    tokenizer = source.tokenizer()
-    if tokenizer is None:
-        raise ModelSourceError(f"{spec} has no tokenizer; measuring plans needs one.")
-    size = batch_size or analysis.settings.batch_size
-    say(f"measuring recipes: loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
-    hf_model = load_model(source, torch_dtype, dev)
-    tokens = calibration_tokens(
-        data or cal.data,
-        tokenizer,
-        samples or cal.samples,
-        seq_len or cal.seq_len,
-        cal.seed,
-        model=hf_model,
-        model_key=analysis.model.config_hash,
-        text_field=cal.text_field,
-    )
-    check = fuse_model(hf_model, Plan())
-    check_same_model(analysis, model_identity(spec, decilm_config, model_fingerprint(check)), compare_weights=True)
-    del check
+    on = _open_model(analysis, model, data, samples, seq_len, device, dtype, batch_size, "measuring plans")
+    size, dev = on.batch_size, on.device
+    say(f"measuring recipes: loading {on.spec} ({str(on.dtype).removeprefix('torch.')}, {dev})")
+    hf_model = load_model(on.source, on.dtype, dev)
+    tokens = on.calibrate(hf_model)
+    _check_weights(analysis, on, hf_model)  # only the check: each measurement fuses from hf_model itself
 
     def measure(plan: Plan) -> float:
         fused = fuse_model(hf_model, plan)

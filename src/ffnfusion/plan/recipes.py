@@ -39,7 +39,7 @@ from typing import Any
 from ffnfusion.analyze.rescore import Measurer, Rescorer
 from ffnfusion.formats.analysis import Analysis
 from ffnfusion.formats.plan import Plan, plan_blocks
-from ffnfusion.plan.search import CostModel, PlanSearch, _info, _pairs, _search_plan, depth
+from ffnfusion.plan.search import CostModel, PlanSearch, _info, _pairs, depth, search_plan
 
 RECIPES = ("attention", "fusion", "parallel", "layer-drop")
 CHOICES = ("auto", *RECIPES)
@@ -209,7 +209,7 @@ def compare_recipes(
         return Recipe(name, plan, d, attention_kl, proxy, kl, kl_is, latency, d == target_depth, removal=removal)
 
     def searched(name: str, fuse: bool, pairs: list[list[int]] | None = None) -> Recipe:
-        result = _search_plan(
+        result = search_plan(
             analysis, target_depth=target_depth, rescore=rescore, fuse=fuse, fixed_parallel=pairs, **common
         )
         plan = _exact_depth(analysis, result.plan, target_depth) if fuse else result.plan

@@ -319,40 +319,15 @@ def search_plan(
     max_parallel: int = 2,
     costs: CostModel | None = None,
     rescore: Rescorer | None = None,
-) -> PlanSearch:
-    """Choose attention removals under the budgets, then fusion (and parallel) groups; see the module docstring."""
-    return _search_plan(
-        analysis,
-        remove_attention=remove_attention,
-        max_kl=max_kl,
-        max_group=max_group,
-        target_depth=target_depth,
-        fuse_last=fuse_last,
-        max_dependency=max_dependency,
-        parallel_threshold=parallel_threshold,
-        max_parallel=max_parallel,
-        costs=costs,
-        rescore=rescore,
-    )
-
-
-def _search_plan(
-    analysis: Analysis,
-    remove_attention: int | None = None,
-    max_kl: float | None = None,
-    max_group: int = 8,
-    target_depth: int | None = None,
-    fuse_last: bool = False,
-    max_dependency: float | None = None,
-    parallel_threshold: float | None = None,
-    max_parallel: int = 2,
-    costs: CostModel | None = None,
-    rescore: Rescorer | None = None,
+    *,
     fuse: bool = True,
     fixed_parallel: list[list[int]] | None = None,
 ) -> PlanSearch:
-    """search_plan, plus what the recipes need: no fusion (`fuse=False`) and parallel blocks chosen beforehand
-    (`fixed_parallel`: their layers keep their attention)."""
+    """Choose attention removals under the budgets, then fusion (and parallel) groups; see the module docstring.
+
+    For the recipes (`plan.recipes`): `fuse=False` removes attention only, and `fixed_parallel` gives parallel
+    blocks chosen beforehand (their layers keep attention and stay out of fusion groups).
+    """
     if remove_attention is not None and max_kl is not None:
         raise ValueError("give either --remove-attention N or --max-kl X, not both.")
     if remove_attention is not None and remove_attention < 0:
