@@ -31,11 +31,12 @@ import traceback
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 from ffnfusion import heal as heal_mod
 from ffnfusion.bench.shapes import random_model
-from ffnfusion.distill_loss import chunked_distillation_loss, liger_available, liger_distillation_loss
+from ffnfusion.distill_loss import _autocast_dtype, chunked_distillation_loss
 from ffnfusion.formats.plan import Plan
 from ffnfusion.heal import DistillationTrainer, HealSettings, TokenDataset, distillation_step, matmul_parameters
 from ffnfusion.surgery import fuse_model
@@ -77,6 +78,50 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         sync()
         self.times.append(time.perf_counter())
+
+
+# liger-kernel's fused linear JSD loss, measured against ours (it lost: benchmarks/RESULTS.md); not a dependency.
+def liger_available() -> bool:
+    """Whether liger-kernel's fused linear JSD loss (with triton) can be imported here."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # noqa: F401
+    except Exception:  # ImportError, or triton failing to initialise without a GPU
+        return False
+    return True
+
+
+def liger_distillation_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_head: torch.Tensor,
+    input_ids: torch.Tensor,
+    kl_weight: float = 1.0,
+    cos_weight: float = 1.0,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KL + cosine through liger-kernel's LigerFusedLinearJSDLoss (beta=0 is KL(teacher || student)); no LM term.
+
+    Used by the benchmark to compare against `chunked_distillation_loss`; liger is an optional extra.
+    """
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    hidden = student_hidden.shape[-1]
+    s_flat = student_hidden.reshape(-1, hidden)
+    t_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    dtype = _autocast_dtype(s_flat.device, s_flat.dtype)
+    loss_fn = LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=temperature, chunk_size=chunk
+    )
+    labels = torch.zeros(s_flat.shape[0], dtype=torch.long, device=s_flat.device)
+    with torch.autocast(s_flat.device.type, enabled=False):
+        kl = loss_fn(
+            s_flat.to(dtype), student_head.to(dtype), t_flat.to(dtype), teacher_head.detach().to(dtype), labels
+        )
+    kl = kl.float() * temperature**2
+    cos = 1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1).mean()
+    return kl_weight * kl + cos_weight * cos, {"kl": kl.detach(), "cos": cos.detach()}
 
 
 def liger_step_loss(*args: Any, compile_chunks: bool = False, **kwargs: Any) -> Any:
