@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
-from ffnfusion import heal as heal_mod
 from ffnfusion.bench.shapes import random_model
-from ffnfusion.distill_loss import _autocast_dtype, chunked_distillation_loss
 from ffnfusion.formats.plan import Plan
-from ffnfusion.heal import DistillationTrainer, HealSettings, TokenDataset, distillation_step, matmul_parameters
+from ffnfusion.heal import stage as heal_mod
+from ffnfusion.heal.loss import _autocast_dtype, chunked_distillation_loss
+from ffnfusion.heal.stage import DistillationTrainer, HealSettings, TokenDataset, distillation_step, matmul_parameters
 from ffnfusion.surgery import fuse_model
 
 PLANS = {

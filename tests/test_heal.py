@@ -20,7 +20,7 @@ from ffnfusion.cli import app
 from ffnfusion.data import DataError, packed_sequences, tokenize_stream
 from ffnfusion.formats.plan import Plan
 from ffnfusion.fuse import fuse
-from ffnfusion.heal import (
+from ffnfusion.heal.stage import (
     HealError,
     HealSettings,
     _final_hidden_and_logits,
@@ -265,7 +265,7 @@ def test_two_processes_match_one(setup) -> None:
 KILL_SCRIPT = """
 import os, signal, sys
 from transformers import TrainerCallback
-from ffnfusion.heal import HealSettings, heal
+from ffnfusion.heal.stage import HealSettings, heal
 
 class KillAfterSave(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):

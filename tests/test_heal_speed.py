@@ -6,11 +6,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ffnfusion import distill_loss
 from ffnfusion.cli import app
-from ffnfusion.distill_loss import chunked_distillation_loss, default_chunk
-from ffnfusion.heal import HealError, HealSettings, distillation_loss, heal
-from ffnfusion.heal_budget import plan_budget
+from ffnfusion.heal import loss as distill_loss
+from ffnfusion.heal.budget import plan_budget
+from ffnfusion.heal.loss import chunked_distillation_loss, default_chunk
+from ffnfusion.heal.stage import HealError, HealSettings, distillation_loss, heal
 from test_heal import setup  # noqa: F401 (the module fixture: tiny teacher, fused student, text)
 
 # (batch, length, hidden, vocab, temperature, lm_weight, chunk): vocabularies and token counts not divisible by

@@ -496,8 +496,8 @@ def heal(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Heal a fused model by distillation from the original (KL on logits + cosine on hidden states)."""
-    from ffnfusion.heal import HealSettings
-    from ffnfusion.heal import heal as run_heal
+    from ffnfusion.heal.stage import HealSettings
+    from ffnfusion.heal.stage import heal as run_heal
 
     settings = HealSettings(
         data=list(data),

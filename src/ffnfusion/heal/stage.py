@@ -32,9 +32,8 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ffnfusion.data import DataError, packed_sequences
-from ffnfusion.distill_loss import chunked_distillation_loss
 from ffnfusion.formats.plan import Plan, plan_blocks
-from ffnfusion.heal_budget import (
+from ffnfusion.heal.budget import (
     TimeBudgetCallback,
     TokenProgressCallback,
     auto_batch_size,
@@ -42,6 +41,7 @@ from ffnfusion.heal_budget import (
     log,
     plan_budget,
 )
+from ffnfusion.heal.loss import chunked_distillation_loss
 from ffnfusion.io.checkpoint import LazySafetensors, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.io.output import Input, check_output_dir, write_marker
 from ffnfusion.io.source import ModelSource, load_model, resolve_model
