@@ -37,8 +37,10 @@ from transformers import TrainerCallback, TrainingArguments, default_data_collat
 from ffnfusion.bench.shapes import random_model
 from ffnfusion.formats.plan import Plan
 from ffnfusion.heal import stage as heal_mod
+from ffnfusion.heal import trainer as heal_trainer
 from ffnfusion.heal.loss import _autocast_dtype, chunked_distillation_loss
-from ffnfusion.heal.stage import DistillationTrainer, HealSettings, TokenDataset, distillation_step, matmul_parameters
+from ffnfusion.heal.settings import HealSettings
+from ffnfusion.heal.trainer import DistillationTrainer, TokenDataset, distillation_step, matmul_parameters
 from ffnfusion.surgery import fuse_model
 
 PLANS = {
@@ -187,9 +189,9 @@ def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: A
         teacher.__dict__["_ffnfusion_forward"] = torch.compile(teacher.model)
     else:
         teacher.__dict__.pop("_ffnfusion_forward", None)
-    original_loss = heal_mod.chunked_distillation_loss
+    original_loss = heal_trainer.chunked_distillation_loss
     if base == "liger":
-        heal_mod.chunked_distillation_loss = liger_step_loss
+        heal_trainer.chunked_distillation_loss = liger_step_loss
     try:
         if base == "manual-c":
             times = manual_loop(student, teacher, seqs, settings, batch)
@@ -227,7 +229,7 @@ def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: A
             trainer.train()
             times = [t0, *timer.times]
     finally:
-        heal_mod.chunked_distillation_loss = original_loss
+        heal_trainer.chunked_distillation_loss = original_loss
         bf16_rope(False)
     steps = [b - a_ for a_, b in itertools.pairwise(times)][a.warmup :]
     median = statistics.median(steps)
@@ -281,13 +283,13 @@ def check_losses(teacher: torch.nn.Module, student: torch.nn.Module, seq_len: in
         settings.compile = "loss" if impl == "chunked-c" else "none"
         student.zero_grad(set_to_none=True)
         fn = liger_step_loss if impl == "liger" else chunked_distillation_loss
-        original, heal_mod.chunked_distillation_loss = heal_mod.chunked_distillation_loss, fn
+        original, heal_trainer.chunked_distillation_loss = heal_trainer.chunked_distillation_loss, fn
         try:
             with torch.autocast(DEVICE, dtype=torch.bfloat16):
                 loss, parts, _ = distillation_step(student, student, teacher, ids, settings)
             loss.backward()
         finally:
-            heal_mod.chunked_distillation_loss = original
+            heal_trainer.chunked_distillation_loss = original
         grads = torch.cat([p.grad.float().flatten() for p in student.parameters() if p.grad is not None])
         results[impl] = (float(loss), float(parts["kl"]), grads)
     ref = results["plain"]

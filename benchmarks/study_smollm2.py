@@ -31,7 +31,8 @@ from ffnfusion.eval.scoring import fidelity, perplexity
 from ffnfusion.formats.analysis import Analysis
 from ffnfusion.formats.plan import Plan, plan_blocks, sequential_sub_blocks
 from ffnfusion.fuse import fuse
-from ffnfusion.heal.stage import HealSettings, heal
+from ffnfusion.heal.settings import HealSettings
+from ffnfusion.heal.stage import heal
 from ffnfusion.io.source import export_transformers_folder, load_model, resolve_model
 from ffnfusion.plan.search import attention_free_runs, build_plan, search_plan
 from ffnfusion.surgery import fuse_model

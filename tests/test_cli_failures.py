@@ -27,7 +27,8 @@ import ffnfusion.fuse
 from ffnfusion.cli import app
 from ffnfusion.formats.plan import Plan
 from ffnfusion.fuse import fuse
-from ffnfusion.heal.stage import HealSettings, _check_resume
+from ffnfusion.heal.resume import _check_resume
+from ffnfusion.heal.settings import HealSettings
 from test_heal import char_tokenizer, save_teacher, sentences
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,13 +235,13 @@ def test_resume_skips_a_half_written_checkpoint(damage, tmp_path: Path, caplog: 
     newest = fake_checkpoint(tmp_path / "checkpoint-4", 4)
     assert _check_resume(tmp_path, settings, resume=True) == str(newest)
     damage(newest)
-    with caplog.at_level(logging.WARNING, logger="ffnfusion.heal.stage"):
+    with caplog.at_level(logging.WARNING, logger="ffnfusion.heal"):
         assert _check_resume(tmp_path, settings, resume=True) == str(good)
     assert "checkpoint-4" in caplog.text and "resuming from" in caplog.text
     # Nothing complete: a fresh start, said in the warning.
     damage(good)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ffnfusion.heal.stage"):
+    with caplog.at_level(logging.WARNING, logger="ffnfusion.heal"):
         assert _check_resume(tmp_path, settings, resume=True) is None
     assert "starting from scratch" in caplog.text and "checkpoint-2" in caplog.text
 

@@ -73,7 +73,8 @@ def test_verb_options_are_the_stage_parameters(verb: str) -> None:
 
 
 def test_heal_options_are_heal_settings() -> None:
-    from ffnfusion.heal.stage import HealSettings, heal
+    from ffnfusion.heal.settings import HealSettings
+    from ffnfusion.heal.stage import heal
 
     settings = {f.name: f.default for f in dataclasses.fields(HealSettings)}
     options = _defaults(cli.heal)

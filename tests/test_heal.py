@@ -20,14 +20,9 @@ from ffnfusion.cli import app
 from ffnfusion.data import DataError, packed_sequences, tokenize_stream
 from ffnfusion.formats.plan import Plan
 from ffnfusion.fuse import fuse
-from ffnfusion.heal.stage import (
-    HealError,
-    HealSettings,
-    _final_hidden_and_logits,
-    changed_blocks,
-    distillation_loss,
-    heal,
-)
+from ffnfusion.heal.settings import HealError, HealSettings
+from ffnfusion.heal.stage import heal
+from ffnfusion.heal.trainer import _final_hidden_and_logits, changed_blocks, distillation_loss
 from ffnfusion.surgery import fuse_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,7 +260,8 @@ def test_two_processes_match_one(setup) -> None:
 KILL_SCRIPT = """
 import os, signal, sys
 from transformers import TrainerCallback
-from ffnfusion.heal.stage import HealSettings, heal
+from ffnfusion.heal.settings import HealSettings
+from ffnfusion.heal.stage import heal
 
 class KillAfterSave(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):

@@ -10,7 +10,9 @@ from ffnfusion.cli import app
 from ffnfusion.heal import loss as distill_loss
 from ffnfusion.heal.budget import plan_budget
 from ffnfusion.heal.loss import chunked_distillation_loss, default_chunk
-from ffnfusion.heal.stage import HealError, HealSettings, distillation_loss, heal
+from ffnfusion.heal.settings import HealError, HealSettings
+from ffnfusion.heal.stage import heal
+from ffnfusion.heal.trainer import distillation_loss
 from test_heal import setup  # noqa: F401 (the module fixture: tiny teacher, fused student, text)
 
 # (batch, length, hidden, vocab, temperature, lm_weight, chunk): vocabularies and token counts not divisible by

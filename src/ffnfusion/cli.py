@@ -496,7 +496,7 @@ def heal(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Heal a fused model by distillation from the original (KL on logits + cosine on hidden states)."""
-    from ffnfusion.heal.stage import HealSettings
+    from ffnfusion.heal.settings import HealSettings
     from ffnfusion.heal.stage import heal as run_heal
 
     settings = HealSettings(

@@ -135,7 +135,8 @@ def stage_options() -> dict[str, set[str]]:
     from ffnfusion.bench.stage import bench
     from ffnfusion.eval.stage import evaluate
     from ffnfusion.fuse import fuse
-    from ffnfusion.heal.stage import HealSettings, heal
+    from ffnfusion.heal.settings import HealSettings
+    from ffnfusion.heal.stage import heal
     from ffnfusion.plan.search import search_plan
 
     # force_plan: the run makes its own plan from its own model, so a mismatch is always an error there.
@@ -156,7 +157,8 @@ def _stage_functions() -> dict[str, Any]:
     from ffnfusion.bench.stage import bench
     from ffnfusion.eval.stage import evaluate
     from ffnfusion.fuse import fuse
-    from ffnfusion.heal.stage import HealSettings, heal
+    from ffnfusion.heal.settings import HealSettings
+    from ffnfusion.heal.stage import heal
     from ffnfusion.plan.search import search_plan
 
     return {
@@ -332,7 +334,7 @@ class Run:
         if "fuse" in stages and f.get("dtype"):
             parse_dtype(f["dtype"])
         if "heal" in stages:
-            from ffnfusion.heal.stage import HealSettings
+            from ffnfusion.heal.settings import HealSettings
 
             data = h.get("data", [cfg.data])
             for spec in [data] if isinstance(data, str) else data:
@@ -479,7 +481,8 @@ class Run:
         self.log(f"fused: sequential sub-blocks {summary.sub_blocks_before} -> {summary.sub_blocks_after}")
 
     def _heal(self) -> None:
-        from ffnfusion.heal.stage import HealSettings, heal
+        from ffnfusion.heal.settings import HealSettings
+        from ffnfusion.heal.stage import heal
 
         cfg = self.config
         setting_names = {f.name for f in fields(HealSettings)}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-log = logging.getLogger("ffnfusion.heal.stage")
+log = logging.getLogger("ffnfusion.heal")
 
 # Tokens per micro-batch the automatic batch size aims at (memory permitting): enough to fill an H100/H200 with
 # a ~100M-parameter model; larger models reach their memory limit first.

@@ -1,0 +1,223 @@
+"""The `heal` stage's training step: the distillation loss and the Trainer that runs it.
+
+Loss (Puzzle's recipe): `kl_weight * T^2 * KL(teacher_T || student_T)` on next-token distributions softened by
+temperature T, plus `cos_weight * (1 - cos(h_student, h_teacher))` on the final (normed) hidden states, plus an
+optional `lm_weight * cross-entropy` on the text itself (off by default: Puzzle found it hurt). Teacher outputs
+are computed on the fly, so nothing is cached per token.
+
+Training is transformers' Trainer, so the same code runs on one device, several GPUs through `torchrun` or
+`accelerate launch` (DDP, or FSDP with `--fsdp`), in bf16, with gradient checkpointing, gradient accumulation,
+a cosine schedule with warm-up, checkpoints every N steps and `--resume`. The teacher is a plain module on every
+process (never wrapped or sharded): fine for models that fit one device, the case this project targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import Trainer
+
+from ffnfusion.formats.plan import Plan, plan_blocks
+from ffnfusion.heal.loss import chunked_distillation_loss
+from ffnfusion.heal.settings import PLAN_FILE, HealError, HealSettings
+
+
+class TokenDataset(Dataset):
+    """Packed token windows [n, seq_len] as Trainer examples."""
+
+    def __init__(self, sequences: torch.Tensor):
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.sequences[i]}
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    kl_weight: float = 1.0,
+    cos_weight: float = 1.0,
+    lm_weight: float = 0.0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted KL + cosine (+ LM) loss over every position; returns (total, detached parts for logging)."""
+    vocab = student_logits.shape[-1]
+    # Softmax in fp32 even under bf16 autocast: low-precision logits bias the log-probabilities.
+    s_logp = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    # T^2 keeps the gradient scale independent of the temperature (Hinton et al.).
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * temperature**2
+    cos = 1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1).mean()
+    total = kl_weight * kl + cos_weight * cos
+    parts = {"kl": kl.detach(), "cos": cos.detach()}
+    if lm_weight > 0 or temperature == 1.0:
+        # At T=1 the student's log-probabilities are already there, so the LM loss is logged for free.
+        lm_logp = s_logp if temperature == 1.0 else F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
+        lm_logp = lm_logp.view(*input_ids.shape, vocab)[:, :-1].reshape(-1, vocab)
+        lm = F.nll_loss(lm_logp, input_ids[:, 1:].reshape(-1))
+        total = total + lm_weight * lm
+        parts["lm"] = lm.detach()
+    return total, parts
+
+
+def _final_hidden_and_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final normed hidden states, logits) of any transformers causal LM, through its own forward."""
+    out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+    # transformers' decoders (and DeciLM) put the final norm's output last in `hidden_states`.
+    return out.hidden_states[-1], out.logits
+
+
+def _head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The LM head's weight [vocab, hidden], or None where the chunked loss cannot use it (bias, no plain Linear)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return None
+    return head.weight
+
+
+def use_chunked_loss(settings: HealSettings, student: torch.nn.Module, teacher: torch.nn.Module) -> bool:
+    """Whether the run computes the loss from hidden states with the heads inside it (see distill_loss.py)."""
+    if settings.loss_impl == "plain" or (settings.loss_impl == "auto" and settings.fsdp):
+        return False
+    usable = _head_weight(student) is not None and _head_weight(teacher) is not None
+    if settings.loss_impl == "chunked" and not usable:
+        raise HealError("--loss-impl chunked needs LM heads that are plain Linear layers without bias.")
+    return usable
+
+
+def distillation_step(
+    model: torch.nn.Module,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    ids: torch.Tensor,
+    settings: HealSettings,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(loss, detached parts, outputs) of one micro-batch. `model` is the student as training calls it (maybe
+    DDP-wrapped, so gradient synchronisation hooks run), `student` the same module unwrapped."""
+    s = settings
+    if not use_chunked_loss(s, student, teacher):
+        with torch.no_grad():
+            t_hidden, t_logits = _final_hidden_and_logits(teacher, ids)
+        s_hidden, s_logits = _final_hidden_and_logits(model, ids)
+        loss, parts = distillation_loss(
+            s_logits, t_logits, s_hidden, t_hidden, ids, s.kl_weight, s.cos_weight, s.lm_weight, s.temperature
+        )
+        return loss, parts, {"logits": s_logits}
+    with torch.inference_mode():
+        base = teacher.__dict__.get("_ffnfusion_forward")
+        base = base if base is not None else getattr(teacher, teacher.base_model_prefix)
+        t_hidden = base(input_ids=ids, use_cache=False).last_hidden_state
+    # Out of inference mode, so autograd may save it (for the cosine term's backward).
+    t_hidden = t_hidden.clone()
+    # The student's own forward, with the head applied to one position only: the loss applies it, in chunks.
+    out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    s_hidden = out.hidden_states[-1]
+    loss, parts = chunked_distillation_loss(
+        s_hidden,
+        t_hidden,
+        _head_weight(student),
+        _head_weight(teacher),
+        ids,
+        s.kl_weight,
+        s.cos_weight,
+        s.lm_weight,
+        s.temperature,
+        compile_chunks=ids.is_cuda and s.compile in ("loss", "all"),
+    )
+    return loss, parts, {"hidden_states": s_hidden}
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Parameters that take part in matrix products per token (all but the input embedding table, unless tied)."""
+    total = sum(p.numel() for p in model.parameters())
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and embed is not None and head.weight is not embed.weight:
+        total -= embed.weight.numel()
+    return total
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss is distillation from a frozen teacher; everything else is stock Trainer behaviour."""
+
+    def __init__(self, *args: Any, teacher: torch.nn.Module, settings: HealSettings, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.settings = settings
+        # The loss is a per-micro-batch mean, so Trainer must divide it by the accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        self._parts: dict[str, torch.Tensor] = {}
+        self._parts_count = 0
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        ids = inputs["input_ids"]
+        loss, parts, outputs = distillation_step(
+            model, self.accelerator.unwrap_model(model), self.teacher, ids, self.settings
+        )
+        for name, value in parts.items():
+            self._parts[name] = self._parts.get(name, 0) + value
+        self._parts_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Trainer logs only the total; add the loss components averaged since the last log, over all processes.
+        if "loss" in logs and self._parts_count:
+            for name, value in self._parts.items():
+                mean = self.accelerator.reduce(value / self._parts_count, reduction="mean")
+                logs[f"loss_{name}"] = round(float(mean), 6)
+            self._parts, self._parts_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+def changed_blocks(plan: Plan, num_original_layers: int) -> list[int]:
+    """Indices of the fused model's blocks that the plan changed (fused, parallel, or missing a sub-block)."""
+    blocks = plan_blocks(plan, num_original_layers)
+    return [i for i, b in enumerate(blocks) if b.kind != "layer" or b.attention_from is None or not b.ffn_from]
+
+
+def trainable_blocks(
+    scope: str, num_blocks: int, plan: Plan | None, num_original_layers: int, neighbours: int
+) -> list[int]:
+    if scope == "all":
+        return list(range(num_blocks))
+    if plan is None:
+        raise HealError(
+            f"--scope changed needs the plan the student was fused with ({PLAN_FILE} in the student folder); "
+            "use --scope all for a student without one."
+        )
+    blocks = plan_blocks(plan, num_original_layers)
+    if len(blocks) != num_blocks:
+        raise HealError(
+            f"the student has {num_blocks} blocks but its {PLAN_FILE} applied to the teacher's "
+            f"{num_original_layers} layers gives {len(blocks)}: was it fused from another model?"
+        )
+    changed = changed_blocks(plan, num_original_layers)
+    if not changed:
+        raise HealError("the student's plan changes no layer: nothing to heal with --scope changed.")
+    chosen = {j for i in changed for j in range(i - neighbours, i + neighbours + 1) if 0 <= j < num_blocks}
+    return sorted(chosen)
+
+
+def freeze_outside(model: torch.nn.Module, blocks: Sequence[int]) -> int:
+    """Leave only the parameters of `blocks` trainable; returns the number of trainable parameters."""
+    prefixes = tuple(f"model.layers.{i}." for i in blocks)
+    trainable = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable
