@@ -1,0 +1,5 @@
+"""`python -m ffnfusion.cli` (how torchrun launches a verb)."""
+
+from ffnfusion.cli import main
+
+main()
