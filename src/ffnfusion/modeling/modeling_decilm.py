@@ -178,7 +178,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[batch, kv_heads, seq, head_dim] -> [batch, kv_heads * n_rep, seq, head_dim], each KV head repeated n_rep times."""
+    """[batch, kv_heads, seq, head_dim] -> [batch, kv_heads * n_rep, seq, head_dim], each KV head n_rep times."""
     if n_rep == 1:
         return hidden_states
     batch, kv_heads, seq, head_dim = hidden_states.shape
