@@ -44,6 +44,24 @@ def block_ffn_width(block: dict, hidden_size: int) -> int:
     return ffn_mult_to_intermediate_size(ffn["ffn_mult"], hidden_size)
 
 
+class BlockConfig(dict):
+    """One `block_configs` entry: a plain dict (as config.json stores it) whose keys also read as attributes.
+
+    vLLM, SGLang and TensorRT-LLM take the config object from this file (trust_remote_code) and read
+    `block.attention.no_op`, `block.ffn.ffn_mult`, ... as attributes; a missing key is an AttributeError there,
+    so `hasattr(block.ffn, "hidden_act")` is False as they expect.
+    """
+
+    def __init__(self, data: dict):
+        super().__init__({k: BlockConfig(v) if isinstance(v, dict) else v for k, v in dict(data).items()})
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class DeciLMConfig(PretrainedConfig):
     model_type = "nemotron-nas"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -77,7 +95,7 @@ class DeciLMConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.head_dim = head_dim or hidden_size // num_attention_heads
-        self.block_configs = [dict(b) for b in (block_configs or [])]
+        self.block_configs = [BlockConfig(b) for b in (block_configs or [])]
         self.num_hidden_layers = len(self.block_configs)
         self.hidden_act = hidden_act
         self.max_position_embeddings = max_position_embeddings
@@ -88,7 +106,9 @@ class DeciLMConfig(PretrainedConfig):
         rope = kwargs.pop("rope_parameters", None) or {"rope_type": "default", **(rope_scaling or {})}
         self.rope_parameters = {**rope, "rope_theta": rope_theta}
         self.attention_bias = attention_bias  # bias on q/k/v/o (Llama's meaning)
-        self.qkv_bias = qkv_bias  # bias on q/k/v only (Qwen2); ffnfusion extension
+        # Bias on q/k/v (Qwen2; implied by attention_bias): vLLM and SGLang take their q/k/v bias from this key when
+        # present, so it is written true whenever q/k/v carry a bias.
+        self.qkv_bias = bool(qkv_bias or attention_bias)
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm
         self.attention_dropout = attention_dropout
