@@ -499,7 +499,12 @@ class DeciLMModel(DeciLMPreTrainedModel):
         # transformers' own mask for the configured attention implementation and cache (None where the kernel's
         # causal mode suffices); the cache and the 2D padding mask give its size. Arguments are positional: the
         # cache argument's name differs between transformers versions.
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+        if past_key_values is None or isinstance(past_key_values, Cache):
+            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(f"padding masks need a transformers Cache, not a {type(past_key_values).__name__}")
+        else:
+            mask = None  # a duck-typed cache (update/get_seq_length) without padding: the kernels' causal mode
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         # Only what the attention functions may read (e.g. flash-attention's packed-sequence lengths) goes down.
         kwargs.pop("output_attentions", None)
