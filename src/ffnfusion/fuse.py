@@ -15,7 +15,18 @@ from ffnfusion.io.source import ModelSourceError, resolve_model
 from ffnfusion.modeling.modeling_decilm import block_ffn_width
 from ffnfusion.surgery import fused_config, fused_tensors
 
-ENGINES = ("transformers", "vLLM", "TensorRT-LLM", "llama.cpp")
+ENGINES = ("transformers", "llama.cpp", "vLLM", "SGLang", "TensorRT-LLM")
+
+# How each engine's verdict is known. "verified": the checkpoint was run in the engine and compared with the
+# reference; "inferred": read in the engine's DeciLM / nemotron-nas model code, never run by this project.
+ENGINE_EVIDENCE = {
+    "transformers": "verified: ffnfusion's tests generate with dynamic and static caches, compiled, eager and sdpa",
+    "llama.cpp": "verified end to end for no-op attention + wide FFNs: converted with its own converter, reference"
+    " perplexity",
+    "vLLM": "inferred from vllm/model_executor/models/nemotron_nas.py, not run; needs --trust-remote-code",
+    "SGLang": "inferred from sglang/srt/models/nemotron_nas.py, not run; needs --trust-remote-code",
+    "TensorRT-LLM": "inferred from tensorrt_llm/_torch/models/modeling_nemotron_nas.py, not run",
+}
 
 
 @dataclass
@@ -52,31 +63,41 @@ def count_parameters(config: dict[str, Any]) -> int:
 
 
 def engine_support(config: dict[str, Any]) -> dict[str, str]:
-    """Which serving engines can load a checkpoint with this config, and why not where they cannot."""
+    """Which engines can load a checkpoint with this config: "yes (how we know)" or "no: the reasons (how we know)".
+
+    Every external engine reads the FFN width from `ffn_mult` (rounded up to 256) and knows neither block-parallel
+    groups nor q/k norms. Biases: vLLM reads attention_bias, qkv_bias and mlp_bias; SGLang only qkv_bias (and passes
+    it to the whole attention); TensorRT-LLM builds its DeciLM layers without biases; llama.cpp was verified without.
+    """
     hidden = config["hidden_size"]
     blocks = config["block_configs"]
     reasons: dict[str, list[str]] = {e: [] for e in ENGINES[1:]}
+
+    def add(engines: tuple[str, ...], reason: str) -> None:
+        for e in engines:
+            reasons[e].append(reason)
+
     if any((b.get("parallel_blocks") or 1) > 1 for b in blocks):
-        for e in reasons:
-            reasons[e].append("block-parallel groups are an ffnfusion extension")
-    if config.get("qkv_bias"):
-        for e in reasons:
-            reasons[e].append("q/k/v bias (Qwen2) is an ffnfusion extension")
+        add(ENGINES[1:], "block-parallel groups are an ffnfusion extension")
     if config.get("qk_norm"):
-        for e in reasons:
-            reasons[e].append("q/k norms (Qwen3) are an ffnfusion extension")
+        add(ENGINES[1:], "q/k norms (Qwen3) are an ffnfusion extension")
     widths = {block_ffn_width(b, hidden) for b in blocks if not b["ffn"]["no_op"]}
     if bad := sorted(w for w in widths if w % ENGINE_WIDTH_MULTIPLE):
-        for e in reasons:
-            reasons[e].append(
-                f"FFN widths {bad} are not multiples of {ENGINE_WIDTH_MULTIPLE} (ffn_mult cannot express them)"
-            )
+        add(ENGINES[1:], f"FFN widths {bad} are not multiples of {ENGINE_WIDTH_MULTIPLE} (ffn_mult cannot say them)")
+    if config.get("attention_bias"):
+        add(("llama.cpp", "SGLang", "TensorRT-LLM"), "q/k/v/o biases are not loaded by its DeciLM model")
+    elif config.get("qkv_bias"):
+        add(("llama.cpp", "SGLang", "TensorRT-LLM"), "q/k/v biases (Qwen2) are not loaded as such by its DeciLM model")
+    if config.get("mlp_bias"):
+        add(("llama.cpp", "SGLang", "TensorRT-LLM"), "MLP biases are not loaded by its DeciLM model")
     if any(not b["attention"]["no_op"] and b["ffn"]["no_op"] for b in blocks):
-        reasons["llama.cpp"].append("a block with attention but no FFN loses its attention output there")
+        add(("llama.cpp",), "a block with attention but no FFN loses its attention output there")
     if config["head_dim"] * config["num_attention_heads"] != hidden:
-        reasons["llama.cpp"].append("head_dim != hidden_size / num_attention_heads")
-    out = {"transformers": "yes (import ffnfusion, or trust_remote_code=True)"}
-    out.update({e: "no: " + "; ".join(r) if r else "yes" for e, r in reasons.items()})
+        add(("llama.cpp",), "head_dim != hidden_size / num_attention_heads")
+    out = {"transformers": f"yes: import ffnfusion, or trust_remote_code=True ({ENGINE_EVIDENCE['transformers']})"}
+    for engine, why in reasons.items():
+        verdict = "no: " + "; ".join(why) if why else "yes"
+        out[engine] = f"{verdict} ({ENGINE_EVIDENCE[engine]})"
     return out
 
 

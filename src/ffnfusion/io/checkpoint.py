@@ -419,6 +419,19 @@ def stream_safetensors(
     return params
 
 
+def _name_tokenizer_class(folder: Path, tokenizer: Any) -> None:
+    """Make sure tokenizer_config.json names its tokenizer class.
+
+    transformers has no tokenizer registered for model_type "nemotron-nas", so AutoTokenizer must find the class in
+    the tokenizer files; some tokenizers save without it.
+    """
+    path = folder / "tokenizer_config.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if not data.get("tokenizer_class"):
+        data["tokenizer_class"] = type(tokenizer).__name__
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
 def write_fused_checkpoint(
     folder: Path,
     config_kwargs: dict[str, Any],
@@ -442,6 +455,7 @@ def write_fused_checkpoint(
     shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+        _name_tokenizer_class(folder, tokenizer)
     if generation_config is not None:
         generation_config.save_pretrained(folder)
     for name, text in (extra_files or {}).items():

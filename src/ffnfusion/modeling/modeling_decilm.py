@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, LlamaConfig, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # transformers renamed `past_key_values` to `cache` (5.2x); speak whichever this version's outputs use.
 _CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -40,6 +42,24 @@ def block_ffn_width(block: dict, hidden_size: int) -> int:
     if ffn.get("intermediate_size"):
         return int(ffn["intermediate_size"])
     return ffn_mult_to_intermediate_size(ffn["ffn_mult"], hidden_size)
+
+
+class BlockConfig(dict):
+    """One `block_configs` entry: a plain dict (as config.json stores it) whose keys also read as attributes.
+
+    vLLM, SGLang and TensorRT-LLM take the config object from this file (trust_remote_code) and read
+    `block.attention.no_op`, `block.ffn.ffn_mult`, ... as attributes; a missing key is an AttributeError there,
+    so `hasattr(block.ffn, "hidden_act")` is False as they expect.
+    """
+
+    def __init__(self, data: dict):
+        super().__init__({k: BlockConfig(v) if isinstance(v, dict) else v for k, v in dict(data).items()})
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class DeciLMConfig(PretrainedConfig):
@@ -75,7 +95,7 @@ class DeciLMConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.head_dim = head_dim or hidden_size // num_attention_heads
-        self.block_configs = [dict(b) for b in (block_configs or [])]
+        self.block_configs = [BlockConfig(b) for b in (block_configs or [])]
         self.num_hidden_layers = len(self.block_configs)
         self.hidden_act = hidden_act
         self.max_position_embeddings = max_position_embeddings
@@ -86,7 +106,9 @@ class DeciLMConfig(PretrainedConfig):
         rope = kwargs.pop("rope_parameters", None) or {"rope_type": "default", **(rope_scaling or {})}
         self.rope_parameters = {**rope, "rope_theta": rope_theta}
         self.attention_bias = attention_bias  # bias on q/k/v/o (Llama's meaning)
-        self.qkv_bias = qkv_bias  # bias on q/k/v only (Qwen2); ffnfusion extension
+        # Bias on q/k/v (Qwen2; implied by attention_bias): vLLM and SGLang take their q/k/v bias from this key when
+        # present, so it is written true whenever q/k/v carry a bias.
+        self.qkv_bias = bool(qkv_bias or attention_bias)
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm
         self.attention_dropout = attention_dropout
@@ -175,12 +197,51 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[batch, kv_heads, seq, head_dim] -> [batch, kv_heads * n_rep, seq, head_dim], each KV head n_rep times."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq, head_dim)
+    return hidden_states.reshape(batch, kv_heads * n_rep, seq, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention (as in modeling_llama); a missing mask means causal, as in SDPA's fast path."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask[:, :, :, : key.shape[-2]]
+    elif query.shape[2] > 1:
+        q_len, k_len = query.shape[2], key.shape[2]
+        future = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
+        attn_weights = attn_weights.masked_fill(future, torch.finfo(attn_weights.dtype).min)
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
 class DeciLMAttention(nn.Module):
     """Grouped-query attention of `parallel` member layers at once (parallel=1 is a plain Llama attention).
 
     Member p owns query heads [p*H, (p+1)*H) and KV heads [p*K, (p+1)*K); since every member has the same
     query/KV ratio, the usual GQA head mapping over the concatenated heads pairs each query head with its own
     member's KV head, so all members run as one wide q/k/v projection and one attention call.
+
+    The attention itself is transformers' (`config._attn_implementation`: sdpa, eager, flash-attention, ...), so
+    masks, KV caches and compilation follow transformers' rules. `cache_index` is this layer's entry in the KV
+    cache: attention layers are numbered consecutively, skipping blocks whose attention is a no-op.
     """
 
     def __init__(self, config: DeciLMConfig, n_heads: int, n_kv_heads: int, parallel: int, cache_index: int):
@@ -191,6 +252,11 @@ class DeciLMAttention(nn.Module):
         self.n_heads = n_heads * parallel
         self.n_kv_heads = n_kv_heads * parallel
         self.cache_index = cache_index
+        self.layer_idx = cache_index  # the name transformers' attention functions read
+        self.num_key_value_groups = n_heads // n_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
         hidden, hd = config.hidden_size, config.head_dim
         bias = config.attention_bias or config.qkv_bias
         self.q_proj = nn.Linear(hidden, self.n_heads * hd, bias=bias)
@@ -210,8 +276,9 @@ class DeciLMAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
+        **kwargs,
     ) -> torch.Tensor:
-        """Attention output before o_proj: [batch, seq, n_heads * head_dim]."""
+        """Attention output before o_proj: [batch, seq, n_heads * head_dim]. A None mask means causal."""
         bsz, seq, _ = hidden_states.shape
         hd = self.head_dim
         # Head counts are read off the projections' outputs, not self.n_heads: under tensor parallelism q/k/v are
@@ -229,15 +296,20 @@ class DeciLMAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.cache_index)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        if attention_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
-        return out.transpose(1, 2).reshape(bsz, seq, -1)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return out.reshape(bsz, seq, -1)
 
 
 class DeciLMQKNorm(nn.Module):
@@ -308,24 +380,27 @@ class DeciLMDecoderLayer(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         if self.parallel > 1:
-            return self._forward_parallel(hidden_states, position_embeddings, attention_mask, past_key_values)
+            return self._forward_parallel(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         if self.has_attention:
             attn = self.self_attn.attend(
-                self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values
+                self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
             )
             hidden_states = hidden_states + self.self_attn.o_proj(attn)
         if self.has_ffn:
             hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states
 
-    def _forward_parallel(self, x, position_embeddings, attention_mask, past_key_values) -> torch.Tensor:
+    def _forward_parallel(self, x, position_embeddings, attention_mask, past_key_values, **kwargs) -> torch.Tensor:
         # Every member reads x; member p's attention output a_p feeds its own FFN (y_p = x + a_p), and the block
         # adds the sum of all members' residual contributions. Norm weights are folded, so the norms are unit.
         bsz, seq, hidden = x.shape
         p = self.parallel
-        attn = self.self_attn.attend(rms_normalize(x, self.eps), position_embeddings, attention_mask, past_key_values)
+        attn = self.self_attn.attend(
+            rms_normalize(x, self.eps), position_embeddings, attention_mask, past_key_values, **kwargs
+        )
         o_weight = self.self_attn.o_proj.weight.view(hidden, p, -1)
         members = torch.einsum("btpd,hpd->btph", attn.view(bsz, seq, p, -1), o_weight)
         ffn_in = rms_normalize(x.unsqueeze(2) + members, self.eps)
@@ -338,7 +413,10 @@ class DeciLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeciLMDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_flash_attn = True
     _supports_sdpa = True
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -354,23 +432,18 @@ class DeciLMPreTrainedModel(PreTrainedModel):
             fresh = DeciLMRotaryEmbedding(self.config)
             module.inv_freq.copy_(fresh.inv_freq.to(module.inv_freq.device))
 
-
-def build_attention_mask(
-    attention_mask: torch.Tensor | None, query_len: int, past_len: int, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean [batch, 1, query, keys] mask (True = attend), or None when SDPA's own causal path suffices."""
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and (past_len == 0 or query_len == 1):
+    def _get_static_cache_init_shape(self):
+        # generate() may pre-allocate a static cache with the config's one KV-head count for every layer; here blocks
+        # differ (per-block n_heads_in_group, parallel groups), so let each cache layer take its shape from its first
+        # update instead (transformers' lazy initialisation).
         return None
-    kv_len = past_len + query_len
-    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]
-    if padded:
-        mask = mask & attention_mask[:, None, None, -kv_len:].bool()
-        # A padding query would have every key masked (NaN in SDPA); let it see itself, its output is ignored.
-        mask = mask | (k_pos == q_pos)[None, None]
-    return mask
+
+
+# KV cache layout. transformers builds a cache with one entry per hidden layer (`num_hidden_layers`, here one per
+# block), also for the static cache that generate(cache_implementation="static") pre-sizes. Attention layers use
+# entries 0, 1, 2, ... in order, skipping blocks with no attention, so entry 0 (which generate and the mask
+# functions read the sequence length from) always belongs to an attention layer, and the unused tail entries stay
+# empty: static layers allocate on their first update, so they cost no memory.
 
 
 class DeciLMModel(DeciLMPreTrainedModel):
@@ -402,45 +475,63 @@ class DeciLMModel(DeciLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
         past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        _bsz, seq, _ = inputs_embeds.shape
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
             # As in transformers' Llama: generate() passes padding-aware positions; a plain forward counts from 0.
-            position_ids = torch.arange(past_len, past_len + seq, device=inputs_embeds.device)[None]
-        mask = build_attention_mask(attention_mask, seq, past_len, inputs_embeds.device)
+            past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len
+            position_ids = position_ids.unsqueeze(0)
+        # transformers' own mask for the configured attention implementation and cache (None where the kernel's
+        # causal mode suffices); the cache and the 2D padding mask give its size. Arguments are positional: the
+        # cache argument's name differs between transformers versions.
+        if past_key_values is None or isinstance(past_key_values, Cache):
+            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(f"padding masks need a transformers Cache, not a {type(past_key_values).__name__}")
+        else:
+            mask = None  # a duck-typed cache (update/get_seq_length) without padding: the kernels' causal mode
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        # Only what the attention functions may read (e.g. flash-attention's packed-sequence lengths) goes down.
+        kwargs.pop("output_attentions", None)
+        kwargs.pop("cache_position", None)
 
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 hidden_states = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, position_embeddings, mask, past_key_values
+                    layer.__call__, hidden_states, position_embeddings, mask, None
                 )
             else:
-                hidden_states = layer(hidden_states, position_embeddings, mask, past_key_values)
+                hidden_states = layer(
+                    hidden_states, position_embeddings, attention_mask=mask, past_key_values=past_key_values, **kwargs
+                )
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden[-1] = hidden_states
-        return BaseModelOutputWithPast(
+        output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             **{_CACHE_FIELD: past_key_values if use_cache else None},
         )
+        return output if return_dict is not False else output.to_tuple()
 
 
 class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
@@ -482,11 +573,11 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         past_key_values = cache if cache is not None else past_key_values
         outputs = self.model(
             input_ids=input_ids,
@@ -496,18 +587,20 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-            cache_position=cache_position,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
+        # As in transformers' Llama: an int keeps the last N positions (0 = all), a tensor lists the positions to keep.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(
+            # transformers' causal-LM loss (shifted labels, -100 ignored, num_items_in_batch honoured).
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
+        return output if return_dict is not False else output.to_tuple()
