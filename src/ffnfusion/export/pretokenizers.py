@@ -4,7 +4,7 @@ llama.cpp cannot run a Hugging Face pre-tokenizer (its regexes live in tokenizer
 implementation of each known one and picks it from the GGUF key `tokenizer.ggml.pre`. Its converter names the
 pre-tokenizer by encoding `CHECK_TEXT` with the model's tokenizer and hashing the token ids (sha256 of
 `str(ids)`); this table is copied from llama.cpp's `get_vocab_base_pre` (convert_hf_to_gguf, the release vendored
-by llama-cpp-python 0.3.36), so the same tokenizer gets the same name here as there.
+by llama-cpp-python 0.3.36; llama.cpp is MIT-licensed), so the same tokenizer gets the same name here as there.
 """
 
 from __future__ import annotations
