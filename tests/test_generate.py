@@ -201,3 +201,29 @@ def test_data_self_uses_the_engine_and_caches(tmp_path) -> None:
 
     b = calibration_tokens("self", tok, 6, 20, seed=3, model=never, model_key="k", cache_dir=tmp_path)
     assert torch.equal(a, b)
+
+
+def test_a_corpus_folder_is_training_and_calibration_data(teacher, tmp_path) -> None:
+    """heal/analyze/run take a generated corpus as --data: its token ids, cut at any length, never re-tokenised."""
+    from transformers import AutoTokenizer
+
+    from ffnfusion.data import check_text_source, packed_sequences
+    from ffnfusion.formats.corpus import is_corpus
+
+    out = tmp_path / "corpus"
+    generate(teacher, out, GenerateSettings(**SMALL), log=lambda _: None)
+    assert is_corpus(out)
+    check_text_source(str(out))  # no text files in it, and still accepted
+    tok = AutoTokenizer.from_pretrained(teacher)
+    stream = np.asarray(open_corpus(out).sequences()).reshape(-1)
+    for seq_len in (32, 16, 48):  # the corpus' own length, and cut again shorter and longer
+        rows = packed_sequences(str(out), tok, seq_len)
+        assert rows.shape == (len(stream) // seq_len, seq_len)
+        assert torch.equal(rows.reshape(-1), torch.from_numpy(stream[: rows.numel()].astype(np.int64)))
+    picked = calibration_tokens(str(out), tok, 5, 16, seed=3)
+    windows = torch.from_numpy(stream[: len(stream) // 16 * 16].astype(np.int64)).view(-1, 16)
+    assert all(any(torch.equal(p, w) for w in windows) for p in picked)
+    from test_heal import char_tokenizer as other_chars
+
+    with pytest.raises(CorpusError, match="another tokenizer"):
+        packed_sequences(str(out), other_chars(), 32)

@@ -1,4 +1,5 @@
-"""Calibration, healing and evaluation text: files, folders, jsonl, parquet, `datasets` names, or `self`.
+"""Calibration, healing and evaluation text: files, folders, jsonl, parquet, `datasets` names, corpus folders
+written by `ffnfusion generate` (token ids, read without re-tokenising), or `self`.
 
 `self` means text sampled from the model itself (cached to disk), so analysis needs no dataset at all.
 """
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ffnfusion.io.cache import default_cache_dir
@@ -94,6 +96,21 @@ def load_texts(spec: str | Path, text_field: str = "text") -> list[str]:
     return texts
 
 
+def corpus_stream(spec: str | Path, tokenizer: Any) -> torch.Tensor | None:
+    """The token stream of a corpus folder written by `ffnfusion generate` (None when `spec` is not one).
+
+    Its sequences are consecutive windows of packed documents, so the stream can be cut again at any length without
+    re-tokenising; the corpus must be complete and made with this tokenizer.
+    """
+    from ffnfusion.formats.corpus import is_corpus, open_corpus
+
+    if str(spec) == "self" or not is_corpus(spec):
+        return None
+    corpus = open_corpus(spec, require_complete=True)
+    corpus.check_tokenizer(tokenizer)
+    return torch.from_numpy(np.asarray(corpus.sequences()).reshape(-1).astype(np.int64))
+
+
 def check_text_source(spec: str | Path, option: str = "--data") -> None:
     """Refuse, without reading it, a text spec that `load_texts` would refuse for its path: for up-front checks.
 
@@ -102,7 +119,11 @@ def check_text_source(spec: str | Path, option: str = "--data") -> None:
     """
     if str(spec) == "self":
         return
+    from ffnfusion.formats.corpus import is_corpus
+
     path = Path(spec).expanduser()
+    if is_corpus(path):
+        return
     if path.is_file():
         if not os.access(path, os.R_OK):
             raise DataError(f"{option} {path} cannot be read (no read permission); check its permissions.")
@@ -233,7 +254,9 @@ def calibration_tokens(
             stream = tokenize_stream(tokenizer, texts)
             return token_windows(stream, samples, seq_len, seed, "self-generated text")
         return torch.tensor(rows[:samples], dtype=torch.long)
-    stream = tokenize_stream(tokenizer, load_texts(spec, text_field))
+    stream = corpus_stream(spec, tokenizer)
+    if stream is None:
+        stream = tokenize_stream(tokenizer, load_texts(spec, text_field))
     return token_windows(stream, samples, seq_len, seed, str(spec))
 
 
@@ -262,7 +285,9 @@ def packed_sequences(
         return calibration_tokens(
             "self", tokenizer, samples, seq_len, seed, model, model_key, text_field, cache_dir, generate_batch_size
         )
-    stream = tokenize_stream(tokenizer, load_texts(spec, text_field))
+    stream = corpus_stream(spec, tokenizer)
+    if stream is None:
+        stream = tokenize_stream(tokenizer, load_texts(spec, text_field))
     available = stream.numel() // seq_len
     if available == 0:
         raise DataError(
