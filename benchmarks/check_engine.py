@@ -20,7 +20,7 @@ import torch
 from ffnfusion.bench.engine import DecodeEngine
 from ffnfusion.bench.kernels import TorchOps, TritonOps
 from ffnfusion.bench.shapes import random_model
-from ffnfusion.bench.stage import compare_tokens, eager_generate
+from ffnfusion.bench.timing import compare_tokens, eager_generate
 from ffnfusion.formats.plan import Plan
 from ffnfusion.surgery import fuse_model
 

@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from ffnfusion.bench.stage import copy_bandwidth, ffn_group_probe
+from ffnfusion.bench.timing import copy_bandwidth, ffn_group_probe
 
 SHAPES = {"llama-3.1-8b": (4096, 14336), "llama-3.1-70b": (8192, 28672)}
 
