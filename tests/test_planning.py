@@ -19,8 +19,8 @@ from ffnfusion.analyze.rescore import iterative_rescorer
 from ffnfusion.cli import app
 from ffnfusion.data import calibration_tokens
 from ffnfusion.formats.plan import Plan, validate_plan
+from ffnfusion.plan.costs import CostModel
 from ffnfusion.plan.search import (
-    CostModel,
     attention_free_runs,
     check_model,
     search_plan,

@@ -19,8 +19,9 @@ from ffnfusion.cli import app
 from ffnfusion.data import calibration_tokens
 from ffnfusion.formats.analysis import SubBlockStats
 from ffnfusion.formats.plan import Plan, plan_blocks, validate_plan
+from ffnfusion.plan.costs import CostModel
 from ffnfusion.plan.recipes import RECIPES, compare_recipes
-from ffnfusion.plan.search import CostModel, depth
+from ffnfusion.plan.search import depth
 from ffnfusion.surgery import fuse_model
 
 KL = [0.9, 0.5, 0.01, 0.02, 0.03, 0.4, 0.8, 0.7]

@@ -88,8 +88,9 @@ def plan_(
         )
     from ffnfusion.analyze import load_analysis
     from ffnfusion.analyze.rescore import iterative_rescorer, recipe_measurer
+    from ffnfusion.plan.costs import CostModel
     from ffnfusion.plan.recipes import compare_recipes
-    from ffnfusion.plan.search import CostModel, check_model, check_plan_output, search_plan, write_plan
+    from ffnfusion.plan.search import check_model, check_plan_output, search_plan, write_plan
 
     try:
         inputs = [("analysis", analysis), ("costs file", costs), ("input model", model), ("data", data)]

@@ -258,7 +258,8 @@ class Run:
     def _plan(self) -> None:
         from ffnfusion.analyze import load_analysis
         from ffnfusion.analyze.rescore import iterative_rescorer
-        from ffnfusion.plan.search import CostModel, search_plan, write_plan
+        from ffnfusion.plan.costs import CostModel
+        from ffnfusion.plan.search import search_plan, write_plan
 
         analysis = load_analysis(self.path("analysis"))
         options = dict(self.config.plan)

@@ -39,7 +39,8 @@ from typing import Any
 from ffnfusion.analyze.rescore import Measurer, Rescorer
 from ffnfusion.formats.analysis import Analysis
 from ffnfusion.formats.plan import Plan, plan_blocks
-from ffnfusion.plan.search import CostModel, PlanSearch, _info, _pairs, depth, search_plan
+from ffnfusion.plan.costs import CostModel
+from ffnfusion.plan.search import PlanSearch, _info, _pairs, depth, search_plan
 
 RECIPES = ("attention", "fusion", "parallel", "layer-drop")
 CHOICES = ("auto", *RECIPES)
