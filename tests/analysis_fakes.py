@@ -108,3 +108,14 @@ def fake_analysis(
             naive_forward_equivalents_per_matrix=n,
         ),
     )
+
+
+def analysed_tiny_model(root: Path) -> Path:
+    """`root`/model (a tiny Llama with a tokenizer), `root`/text.txt and `root`/analysis from a real `analyze` run."""
+    from conftest import tiny_model
+    from ffnfusion.analyze import analyze
+
+    save_with_tokenizer(tiny_model("llama", seed=21), root / "model")
+    text_file(root / "text.txt")
+    analyze(str(root / "model"), root / "analysis", data=str(root / "text.txt"), samples=4, seq_len=20, dtype="float32")
+    return root

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from analysis_fakes import fake_analysis, save_with_tokenizer, text_file
+from analysis_fakes import analysed_tiny_model, fake_analysis, save_with_tokenizer
 from conftest import tiny_model
-from ffnfusion.analyze import AnalysisError, analyze, load_analysis
+from ffnfusion.analyze import AnalysisError, load_analysis
 from ffnfusion.analyze.rescore import iterative_rescorer
 from ffnfusion.cli import app
 from ffnfusion.data import calibration_tokens
@@ -184,11 +184,7 @@ def test_write_plan_refuses_to_overwrite(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("planned")
-    save_with_tokenizer(tiny_model("llama", seed=21), root / "model")
-    text_file(root / "text.txt")
-    analyze(str(root / "model"), root / "analysis", data=str(root / "text.txt"), samples=4, seq_len=20, dtype="float32")
-    return root
+    return analysed_tiny_model(tmp_path_factory.mktemp("planned"))
 
 
 def test_cli_analyze_plan_fuse_round_trip(analysed: Path, tmp_path: Path) -> None:

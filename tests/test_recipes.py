@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
-from analysis_fakes import fake_analysis, save_with_tokenizer, text_file
+from analysis_fakes import analysed_tiny_model, fake_analysis
 from conftest import tiny_model
-from ffnfusion.analyze import analyze, load_analysis
+from ffnfusion.analyze import load_analysis
 from ffnfusion.analyze.rescore import iterative_rescorer, recipe_measurer
 from ffnfusion.cli import app
 from ffnfusion.data import calibration_tokens
@@ -82,11 +82,7 @@ def test_unreachable_depth_is_reported() -> None:
 
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("recipes")
-    save_with_tokenizer(tiny_model("llama", seed=21), root / "model")
-    text_file(root / "text.txt")
-    analyze(str(root / "model"), root / "analysis", data=str(root / "text.txt"), samples=4, seq_len=20, dtype="float32")
-    return root
+    return analysed_tiny_model(tmp_path_factory.mktemp("recipes"))
 
 
 def test_measured_recipes_on_a_tiny_model(analysed: Path, tmp_path: Path) -> None:
