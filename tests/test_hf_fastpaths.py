@@ -129,6 +129,30 @@ def test_half_precision(dtype: torch.dtype) -> None:
     assert torch.equal(_generate(fused, ids, mask, "static").sequences, dynamic)
 
 
+def test_autocast_keeps_attention_in_half_precision(monkeypatch) -> None:
+    """An fp32 model under bf16 autocast (how heal trains): q and k reach attention in bf16, not promoted to fp32 by
+    fp32 RoPE tables, and the logits stay within bf16 rounding of the fp32 reference."""
+    fused = fuse_model(tiny_model("llama", seed=8), PLAN)
+    ids = _ids(2, 9, seed=6)
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        want = fused(ids).logits
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fused(ids).logits
+            cos, sin = fused.model.rotary_emb(fused.model.embed_tokens(ids), torch.arange(9)[None])
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}
+    assert cos.dtype == sin.dtype == torch.bfloat16
+    assert rel_err(got.float(), want) < 3e-2
+
+
 def test_hidden_states_loss_and_tuple_output() -> None:
     model = tiny_model("qwen2", seed=7)
     ids = _ids(2, 8, seed=5)
