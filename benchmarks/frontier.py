@@ -1,0 +1,211 @@
+"""The depth/quality/latency frontier: for each target depth and recipe, `ffnfusion run` with the same healing budget,
+then one table (frontier.md, frontier.json) and one plot (frontier.png) of perplexity, KL, top-1, task accuracy and
+decode latency against sequential sub-blocks.
+
+    python benchmarks/frontier.py --model SmolLM2-135M-Instruct.Q4_1.gguf --eval-data wiki.test.raw \\
+        --work runs/frontier --depths 52,48,45,40 --recipes auto,attention,fusion,parallel,layer-drop \\
+        [--heal-tokens 8000000] [--tasks hellaswag,arc_easy,... --task-data-dir DIR --limit 500] [--jobs 2]
+
+Every variant is an ordinary run folder (work/d45-auto/ ...) made from one shared analysis (work/base), so each row
+can be inspected, reported or resumed like any run, and the script itself resumes: rerun it and finished stages
+are skipped. Healing text is `self` (the model writes it; one corpus, cached, shared by every variant), so the
+evaluation text is never trained on. With --jobs N the analysis-to-eval stages of N variants share the GPU (a small
+model leaves most of it idle); `bench` then runs variant by variant, alone, so latencies are not disturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+RECIPES = ("auto", "attention", "fusion", "parallel", "layer-drop")
+
+
+def variant_config(args: argparse.Namespace, depth: int, recipe: str) -> dict:
+    """run.yaml of one variant: everything but the plan is the same for every row."""
+    config: dict = {"data": "self", "eval_data": str(Path(args.eval_data).resolve()), "seed": args.seed}
+    if args.device:
+        config["device"] = args.device
+    config["analyze"] = {"samples": args.samples} if args.samples else {}
+    config["plan"] = {"target_depth": depth, "measure_recipes": not args.proxy}
+    if recipe != "auto":
+        config["plan"]["recipe"] = recipe
+    config["heal"] = {"tokens": args.heal_tokens} if args.heal_tokens else {}
+    if args.heal_batch_size:
+        config["heal"]["batch_size"] = args.heal_batch_size
+    config["eval"] = {}
+    if args.tasks:
+        config["eval"] = {"tasks": args.tasks.split(","), "task_data_dir": str(Path(args.task_data_dir).resolve())}
+        if args.limit:
+            config["eval"]["limit"] = args.limit
+    config["bench"] = {"batch_sizes": [int(b) for b in args.batch_sizes.split(",")]}
+    return config
+
+
+def ffnfusion_run(model: str, folder: Path, *extra: str) -> None:
+    """One `ffnfusion run` in its own process (a fresh CUDA context; its log beside it)."""
+    command = [sys.executable, "-m", "ffnfusion.cli", "run", "--model", model, "--out", str(folder)]
+    command += ["--config", str(folder.parent / f"{folder.name}.yaml"), *extra]
+    with open(folder.parent / f"{folder.name}.log", "a") as log:
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def prepare(args: argparse.Namespace) -> list[Path]:
+    """The shared analysis (work/base), then one run folder per variant seeded with it."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    variants = [(int(d), r) for d in args.depths.split(",") for r in args.recipes.split(",")]
+    if bad := sorted({r for _, r in variants} - set(RECIPES)):
+        raise SystemExit(f"unknown recipes {bad}; choose from {', '.join(RECIPES)}")
+    base = work / "base"
+    # The base's config is any variant's: the analyze stage's key depends only on model, data, seed and options.
+    (work / "base.yaml").write_text(yaml.safe_dump(variant_config(args, *variants[0])))
+    ffnfusion_run(args.model, base, "--stop-after", "analyze")
+    folders = []
+    for depth, recipe in variants:
+        folder = work / f"d{depth}-{recipe}"
+        (work / f"{folder.name}.yaml").write_text(yaml.safe_dump(variant_config(args, depth, recipe)))
+        if not folder.exists():
+            shutil.copytree(base, folder)
+        folders.append(folder)
+    return folders
+
+
+def measure(args: argparse.Namespace, folders: list[Path]) -> None:
+    """Plan, fuse, heal and evaluate the variants (N at a time), then bench each one alone."""
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(lambda f: ffnfusion_run(args.model, f, "--skip", "bench,report"), folders))
+    for folder in folders:
+        ffnfusion_run(args.model, folder)
+
+
+def row(folder: Path) -> dict:
+    """One variant's figures, read back from its run folder's files."""
+    plan = json.loads((folder / "plan.json").read_text())
+    evaluation = json.loads((folder / "eval.json").read_text())
+    models = {m["label"]: m for m in evaluation["models"]}
+    final = models.get("healed") or models["fused"]
+    info = plan.get("info") or {}
+    out = {
+        "variant": folder.name,
+        "recipe": (info.get("recipes") or {}).get("chosen", folder.name.split("-", 1)[1]),
+        "sub_blocks": info["predicted"]["sequential_sub_blocks"]["plan"],
+        "original_sub_blocks": info["predicted"]["sequential_sub_blocks"]["original"],
+        "predicted_kl": info.get("predicted_kl"),
+        "plan": {k: plan[k] for k in ("remove_attention", "remove_ffn", "fuse_ffn", "parallel_blocks")},
+        "original": _quality(models["original"]),
+        "before_heal": _quality(models["fused"]),
+        "healed": _quality(final) if "healed" in models else None,
+    }
+    bench_file = folder / "bench.json"
+    if bench_file.is_file():
+        bench = json.loads(bench_file.read_text())["models"]
+        out["decode_ms"] = {
+            name: {r["batch"]: r["decode_ms_per_token"] for r in m["runs"]}
+            for name, m in zip(("original", "fused"), bench, strict=True)
+        }
+    return out
+
+
+def _quality(model: dict) -> dict:
+    ppl, fid = model.get("perplexity") or {}, model.get("fidelity") or {}
+    tasks = model.get("tasks") or {}
+    accs = [t["acc"] for t in tasks.values() if t.get("acc") is not None]
+    return {
+        "ppl": ppl.get("ppl"),
+        "kl": fid.get("kl"),
+        "top1": fid.get("top1"),
+        "task_mean": sum(accs) / len(accs) if accs else None,
+    }
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def write_table(rows: list[dict], work: Path) -> str:
+    batches = sorted({b for r in rows for b in (r.get("decode_ms") or {}).get("fused", {})}, key=int)
+    lines = [
+        "| variant | sub-blocks | PPL | KL | top-1 | task mean | PPL before heal | KL before heal |"
+        + "".join(f" ms/token b{b} (original) |" for b in batches),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(batches),
+    ]
+    original = rows[0]["original"]
+    lines.append(
+        f"| original | {rows[0]['original_sub_blocks']} | {_cell(original['ppl'], '.2f')} | 0 | 1 "
+        f"| {_cell(original['task_mean'], '.3f')} | | |" + " |" * len(batches)
+    )
+    for r in rows:
+        q, b = r["healed"] or r["before_heal"], r["before_heal"]
+        ms = r.get("decode_ms") or {}
+        lat = [
+            f"{_cell(ms.get('fused', {}).get(k), '.3f')} ({_cell(ms.get('original', {}).get(k), '.3f')})"
+            for k in batches
+        ]
+        lines.append(
+            f"| {r['variant']} ({r['recipe']}) | {r['sub_blocks']} | {_cell(q['ppl'], '.2f')} "
+            f"| {_cell(q['kl'], '.4f')} | {_cell(q['top1'], '.3f')} | {_cell(q['task_mean'], '.3f')} "
+            f"| {_cell(b['ppl'], '.2f')} | {_cell(b['kl'], '.4f')} |" + "".join(f" {cell} |" for cell in lat)
+        )
+    table = "\n".join(lines) + "\n"
+    (work / "frontier.md").write_text(table)
+    (work / "frontier.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return table
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for recipe in sorted({r["recipe"] for r in rows}):
+        mine = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["sub_blocks"])
+        points = [(r["sub_blocks"], (r["healed"] or r["before_heal"])["ppl"]) for r in mine]
+        ax.plot(*zip(*points, strict=True), marker="o", label=recipe)
+    original = f"original ({rows[0]['original_sub_blocks']})"
+    ax.axhline(rows[0]["original"]["ppl"], color="grey", linestyle="--", label=original)
+    ax.set_xlabel("sequential sub-blocks")
+    ax.set_ylabel("perplexity after healing")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--eval-data", required=True, help="perplexity text; never trained on")
+    p.add_argument("--work", required=True, help="folder for the base analysis, the variants and the table")
+    p.add_argument("--depths", default="52,48,45,40")
+    p.add_argument("--recipes", default="auto,layer-drop", help=f"comma-separated: {', '.join(RECIPES)}")
+    p.add_argument("--heal-tokens", type=int, help="the same budget for every variant (default: the run's)")
+    p.add_argument("--heal-batch-size", type=int)
+    p.add_argument("--samples", type=int, help="analysis calibration sequences (default: analyze's)")
+    p.add_argument("--proxy", action="store_true", help="rank recipes by the proxy instead of measuring them")
+    p.add_argument("--tasks")
+    p.add_argument("--task-data-dir")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="variants healed at once on the one GPU")
+    args = p.parse_args()
+    folders = prepare(args)
+    measure(args, folders)
+    rows = [row(f) for f in folders]
+    print(write_table(rows, Path(args.work)))
+    plot(rows, Path(args.work) / "frontier.png")
+
+
+if __name__ == "__main__":
+    main()
