@@ -91,7 +91,7 @@ def bench(
         return
 
     from ffnfusion.bench.stage import bench as run_bench
-    from ffnfusion.bench.stage import markdown_table
+    from ffnfusion.bench.table import markdown_table
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]

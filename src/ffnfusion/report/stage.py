@@ -192,7 +192,7 @@ def build_report(folder: str | Path) -> str:
 
     lines += ["## Speed", ""]
     if bench_json:
-        from ffnfusion.bench.stage import markdown_table as bench_table
+        from ffnfusion.bench.table import markdown_table as bench_table
 
         device = bench_json.get("device", "?")
         lines += [f"Device: {device}; dtype {bench_json.get('dtype')}.", "", bench_table(bench_json), ""]
