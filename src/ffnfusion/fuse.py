@@ -11,7 +11,7 @@ from ffnfusion.formats.plan import ENGINE_WIDTH_MULTIPLE, Plan, check_plan_model
 from ffnfusion.io.checkpoint import TensorInfo, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.io.device import parse_dtype
 from ffnfusion.io.output import check_output_dir
-from ffnfusion.io.source import ModelSourceError, resolve_model
+from ffnfusion.io.source import ModelSource, ModelSourceError, resolve_model
 from ffnfusion.modeling.modeling_decilm import block_ffn_width
 from ffnfusion.surgery import fused_config, fused_tensors
 
@@ -101,6 +101,25 @@ def engine_support(config: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _fused_layout(
+    source: ModelSource, model: str, plan: Plan | str | Path, force_plan: bool, allow_any_width: bool
+) -> tuple[Plan, dict[str, Any], dict[str, Any]]:
+    """(the plan, the original's DeciLM config, the fused config): the plan checked against the model."""
+    from ffnfusion.formats.analysis import config_hash
+
+    plan_arg = plan
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    hf_config = source.config()
+    base = adapter_for(hf_config).decilm_config(hf_config)
+    if not force_plan:
+        where = "the plan" if isinstance(plan_arg, Plan) else f"plan file {plan_arg}"
+        check_plan_model(plan, model, len(base["block_configs"]), config_hash(base), where)
+    widths_ok = all(block_ffn_width(b, base["hidden_size"]) % ENGINE_WIDTH_MULTIPLE == 0 for b in base["block_configs"])
+    # Only insist on engine-readable fused widths when the original model itself is engine-readable.
+    new_config = fused_config(base, plan, require_engine_widths=widths_ok and not allow_any_width)
+    return plan, base, new_config
+
+
 def fuse(
     model: str,
     plan: Plan | str | Path,
@@ -116,8 +135,6 @@ def fuse(
     A plan that records another model (info.model: layer count and architecture hash) is refused unless
     `force_plan`. Every check that reads no weights runs before the first tensor is read.
     """
-    from ffnfusion.formats.analysis import config_hash
-
     source = resolve_model(model)
     if source.is_fused_checkpoint:
         raise ModelSourceError(
@@ -126,16 +143,7 @@ def fuse(
     inputs = [("input model", source.input_path), ("plan", None if isinstance(plan, Plan) else plan)]
     out = Path(out)
     check_output_dir(out, "fuse", inputs, overwrite)
-    plan_arg = plan
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    hf_config = source.config()
-    base = adapter_for(hf_config).decilm_config(hf_config)
-    if not force_plan:
-        where = "the plan" if isinstance(plan_arg, Plan) else f"plan file {plan_arg}"
-        check_plan_model(plan, model, len(base["block_configs"]), config_hash(base), where)
-    widths_ok = all(block_ffn_width(b, base["hidden_size"]) % ENGINE_WIDTH_MULTIPLE == 0 for b in base["block_configs"])
-    # Only insist on engine-readable fused widths when the original model itself is engine-readable.
-    new_config = fused_config(base, plan, require_engine_widths=widths_ok and not allow_any_width)
+    plan, base, new_config = _fused_layout(source, model, plan, force_plan, allow_any_width)
     cast = parse_dtype(dtype) if dtype else None
     # Every output tensor's name, shape and dtype, from the surgery itself run on meta tensors: only shard headers
     # are read, a missing or mis-shaped tensor fails here before anything is written, and the writer can lay out
