@@ -21,6 +21,7 @@ from ffnfusion.analyze.identity import model_fingerprint, model_identity
 from ffnfusion.analyze.measure import Measurements, measure, planned_evals
 from ffnfusion.analyze.progress import progress_bar
 from ffnfusion.analyze.record import build_analysis, write_figures
+from ffnfusion.analyze.settings import AnalyzeSettings
 from ffnfusion.analyze.streamed_model import measure_streamed_model, stream_progress_path
 from ffnfusion.data import DataError, calibration_tokens
 from ffnfusion.formats.analysis import (
@@ -31,6 +32,7 @@ from ffnfusion.formats.analysis import (
     config_hash,
 )
 from ffnfusion.formats.plan import Plan, validate_plan
+from ffnfusion.formats.settings import settings_from
 from ffnfusion.io.checkpoint import atomic_output_dir
 from ffnfusion.io.device import device_name, resolve_device, resolve_dtype
 from ffnfusion.io.output import Input, check_output_dir
@@ -75,38 +77,32 @@ def parse_layers(spec: str | Iterable[int] | None) -> list[int]:
 def analyze(
     model: str,
     out: str | Path,
-    data: str = "self",
-    samples: int = 64,
-    seq_len: int = 512,
-    seed: int = 0,
-    text_field: str = "text",
-    remove_attention: str | Iterable[int] | None = None,
-    plan: str | Path | None = None,
-    max_window: int = 8,
-    device: str | None = None,
-    dtype: str | None = "auto",
-    batch_size: int | None = None,
+    settings: AnalyzeSettings | None = None,
+    *,
     overwrite: bool = False,
-    stream: bool = False,
-    activations: str = "auto",
-    stream_samples: int | None = None,
     show_progress: bool = False,
     log: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> AnalyzeResult:
     """Measure `model` on calibration text and write `out`/analysis.json plus heatmaps (atomically).
 
-    stream=True loads one layer at a time onto the device (see `analysis.streamed`), for models larger than the
-    device or host memory; `activations` (auto, device, cpu) and `stream_samples` (sequences per pass over the
-    weights) bound the memory of the activations kept between layers. Results match the in-memory path.
+    `settings`, or AnalyzeSettings' fields as keyword `options`. stream=True loads one layer at a time onto the
+    device (see `analysis.streamed`), for models larger than the device or host memory; `activations` (auto,
+    device, cpu) and `stream_samples` (sequences per pass over the weights) bound the memory of the activations
+    kept between layers. Results match the in-memory path.
     """
     started = time.perf_counter()
+    s = settings_from(AnalyzeSettings, settings, options)
+    data, samples, seq_len, seed, text_field = s.data, s.samples, s.seq_len, s.seed, s.text_field
     say = log or (lambda _msg: None)
-    job = _prepare(model, out, data, samples, max_window, remove_attention, plan, device, dtype, batch_size, overwrite)
+    job = _prepare(
+        model, out, data, samples, s.max_window, s.remove_attention, s.plan, s.device, s.dtype, s.batch_size, overwrite
+    )
     dp, dev = job.dp, job.dev
     show_progress = show_progress and (dp is None or dp.is_main)
     if dp is not None:
         say(f"data parallel: {dp.world} processes, process k measures batches k, k + {dp.world}, ... (this: {dp.rank})")
-    _check_streaming(stream, activations, stream_samples)
+    _check_streaming(s.stream, s.activations, s.stream_samples)
     tokenizer = job.source.tokenizer()
     if tokenizer is None:
         raise ModelSourceError(f"{model} has no tokenizer; analysis needs one to tokenize the calibration text.")
@@ -118,10 +114,10 @@ def analyze(
     progress_total = sum(per_batch.values()) * batches
 
     m, identity, tokens, measure_seconds = _measure(
-        job, model, stream, activations, stream_samples, calibrate, show_progress, progress_total, say
+        job, model, s.stream, s.activations, s.stream_samples, calibrate, show_progress, progress_total, say
     )
-    calibration, settings = _records(job, data, samples, seq_len, seed, text_field, tokens, max_window)
-    analysis = build_analysis(identity, calibration, settings, m)
+    calibration, recorded = _records(job, data, samples, seq_len, seed, text_field, tokens, s.max_window)
+    analysis = build_analysis(identity, calibration, recorded, m)
     seconds = time.perf_counter() - started
     _write(job, analysis, seconds, measure_seconds, overwrite)
     return AnalyzeResult(analysis, job.out, seconds, measure_seconds, device_name(dev))

@@ -21,11 +21,13 @@ from typing import Any
 import torch
 
 from ffnfusion.bench.engine import DecodeEngine
+from ffnfusion.bench.settings import BenchSettings
 from ffnfusion.bench.table import comparison
 from ffnfusion.bench.timing import compare_tokens, copy_bandwidth, eager_reference, ffn_group_probe
 from ffnfusion.bench.variants import Variant, check_model_and_plan, variants
 from ffnfusion.formats.bench import BENCH_FORMAT, BENCH_VERSION, is_bench_file
 from ffnfusion.formats.plan import Plan
+from ffnfusion.formats.settings import settings_from
 from ffnfusion.io.device import parse_dtype
 from ffnfusion.io.output import Input, check_output_file, write_atomic
 
@@ -131,54 +133,43 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def bench(
     model: str | None = None,
+    settings: BenchSettings | None = None,
+    *,
     compare: list[str] | tuple[str, ...] = (),
     plan: Plan | str | Path | None = None,
-    batch_sizes: tuple[int, ...] | list[int] = (1, 8, 32),
-    prompt_len: int = 512,
-    new_tokens: int = 128,
     out: str | Path | None = None,
-    dtype: str | torch.dtype = "bfloat16",
-    device: str | None = None,
-    random_weights: bool = False,
-    shape: str | None = None,
-    layers: int | None = None,
-    reference_tokens: int = 32,
-    repeats: int = 3,
-    kernels: str = "auto",
-    graphs: bool | None = None,
-    ffn_probe: int = 0,
-    prompt_file: str | Path | None = None,
-    seed: int = 0,
     command: str | None = None,
     log: Log | None = None,
     force_plan: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Benchmark MODEL (and its fused version under `plan`, and every `compare` model) in one engine.
 
-    Returns the bench.json content; writes it to `out` atomically when given.
+    `settings`, or BenchSettings' fields as keyword `options` (`dtype` may also be a torch.dtype). Returns the
+    bench.json content; writes it to `out` atomically when given.
     """
+    if isinstance(options.get("dtype"), torch.dtype):
+        options["dtype"] = str(options["dtype"]).removeprefix("torch.")
+    s = settings_from(BenchSettings, settings, options)
     log = log or (lambda _msg: None)
     if out is not None:
         inputs = [("input model", m) for m in (model, *compare)]
-        inputs += [("plan", None if isinstance(plan, Plan) else plan), ("prompt file", prompt_file)]
+        inputs += [("plan", None if isinstance(plan, Plan) else plan), ("prompt file", s.prompt_file)]
         check_bench_output(out, inputs)
-    dev, torch_dtype, plan, text = _check_inputs(
-        model, compare, plan, batch_sizes, prompt_len, new_tokens, repeats, dtype, device, random_weights,
-        prompt_file, force_plan,
-    )  # fmt: skip
-
+    dev, torch_dtype, plan, text = _check_inputs(model, compare, plan, s, force_plan)
     copy_bw = copy_bandwidth(dev) if dev.type == "cuda" else None
-    run = _Run(batch_sizes, prompt_len, new_tokens, repeats, reference_tokens, kernels, graphs, seed, text, copy_bw)
+    run = _Run(s, text, copy_bw)
     result = _result_header(command, dev, torch_dtype, run, plan)
     if dev.type == "cuda":
         result["copy_bandwidth_GBps"] = copy_bw / 1e9
         log(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
-    for build in variants(model, list(compare), plan, random_weights, shape, layers, torch_dtype, dev, seed):
+    for build in variants(model, list(compare), plan, s.random_weights, s.shape, s.layers, torch_dtype, dev, s.seed):
         with _fresh_memory(dev):
             variant = build()
             result["models"].append(_bench_variant(variant, run, dev, log))
-            if ffn_probe and dev.type == "cuda" and not result.get("ffn_probe"):
-                result["ffn_probe"] = _ffn_probe(variant.engine_model.config, ffn_probe, torch_dtype, dev, copy_bw, log)
+            if s.ffn_probe and dev.type == "cuda" and not result.get("ffn_probe"):
+                config = variant.engine_model.config
+                result["ffn_probe"] = _ffn_probe(config, s.ffn_probe, torch_dtype, dev, copy_bw, log)
             del variant
     result["comparison"] = comparison(result["models"])
     if out is not None:
@@ -187,28 +178,18 @@ def bench(
 
 
 def _check_inputs(
-    model: str | None,
-    compare: Sequence[str],
-    plan: Plan | str | Path | None,
-    batch_sizes: Sequence[int],
-    prompt_len: int,
-    new_tokens: int,
-    repeats: int,
-    dtype: str | torch.dtype,
-    device: str | None,
-    random_weights: bool,
-    prompt_file: str | Path | None,
-    force_plan: bool,
+    model: str | None, compare: Sequence[str], plan: Plan | str | Path | None, s: BenchSettings, force_plan: bool
 ) -> tuple[torch.device, torch.dtype, Plan | None, str | None]:
     """Everything checked before a model is loaded; the device, dtype, loaded plan and prompt text."""
-    if prompt_len < 1 or new_tokens < 1 or repeats < 1 or not batch_sizes:
+    random_weights, prompt_file = s.random_weights, s.prompt_file
+    if s.prompt_len < 1 or s.new_tokens < 1 or s.repeats < 1 or not s.batch_sizes:
         raise ValueError("prompt length, new tokens, repeats and batch sizes must be positive")
     if model is None and not random_weights and not compare:
         raise ValueError("give MODEL, --compare models, or --random-weights --shape NAME")
     if model is not None and random_weights:
         raise ValueError("--random-weights builds the model from --shape; do not pass MODEL as well")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = parse_dtype(dtype)
+    dev = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = parse_dtype(s.dtype)
     plan_name = "the plan" if plan is None or isinstance(plan, Plan) else f"plan file {plan}"
     if isinstance(plan, str | Path):
         plan = Plan.load(plan)
@@ -223,16 +204,9 @@ def _check_inputs(
 
 @dataclass
 class _Run:
-    """How every model is measured: the same batches, prompts and timing settings."""
+    """How every model is measured: the settings, the prompt text and the copy bandwidth of this device."""
 
-    batch_sizes: Sequence[int]
-    prompt_len: int
-    new_tokens: int
-    repeats: int
-    reference_tokens: int
-    kernels: str
-    graphs: bool | None
-    seed: int
+    s: BenchSettings
     text: str | None
     copy_bw: float | None
 
@@ -249,15 +223,15 @@ def _result_header(
         **_device_info(dev),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "settings": {
-            "batch_sizes": list(run.batch_sizes),
-            "prompt_len": run.prompt_len,
-            "new_tokens": run.new_tokens,
-            "repeats": run.repeats,
-            "reference_tokens": run.reference_tokens,
+            "batch_sizes": list(run.s.batch_sizes),
+            "prompt_len": run.s.prompt_len,
+            "new_tokens": run.s.new_tokens,
+            "repeats": run.s.repeats,
+            "reference_tokens": run.s.reference_tokens,
             "timing": "CUDA events around each graph replay after a warm-up generation; medians"
             if dev.type == "cuda"
             else "host clock (no CUDA device); medians",
-            "prompts": "prompt file windows" if run.text else f"random token ids (seed {run.seed})",
+            "prompts": "prompt file windows" if run.text else f"random token ids (seed {run.s.seed})",
         },
         "models": [],
     }
@@ -281,10 +255,17 @@ def _bench_variant(variant: Variant, run: _Run, dev: torch.device, log: Log) -> 
     }
     del probe
     log(f"{variant.name}: {entry['layers']} blocks, {entry['sequential_sub_blocks']} sequential sub-blocks")
-    for batch in run.batch_sizes:
-        ids = make_prompts(config.vocab_size, batch, run.prompt_len, run.seed, variant.tokenizer, run.text).to(dev)
+    for batch in run.s.batch_sizes:
+        ids = make_prompts(config.vocab_size, batch, run.s.prompt_len, run.s.seed, variant.tokenizer, run.text).to(dev)
         row = measure_batch(
-            variant, ids, run.new_tokens, run.repeats, run.reference_tokens, run.kernels, run.graphs, run.copy_bw
+            variant,
+            ids,
+            run.s.new_tokens,
+            run.s.repeats,
+            run.s.reference_tokens,
+            run.s.kernels,
+            run.s.graphs,
+            run.copy_bw,
         )
         entry["runs"].append(row)
         log(

@@ -10,38 +10,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from ffnfusion.cli.app import USER_ERRORS, console, err_console, fail
+from ffnfusion.cli.options import CliForm, settings_options
+from ffnfusion.plan.settings import PlanSettings
 
 
+@settings_options(costs=CliForm(type=Path | None))
 def plan_(
     analysis: Annotated[Path, typer.Argument(help="analysis.json (or the folder holding it) from `ffnfusion analyze`")],
     out: Annotated[Path, typer.Option(help="plan.json to write")],
-    remove_attention: Annotated[
-        int | None, typer.Option(help="budget: this many attention sub-blocks removed in all (lowest KL first)")
-    ] = None,
-    max_kl: Annotated[
-        float | None, typer.Option(help="budget: remove attention while the predicted KL stays <= this")
-    ] = None,
-    target_depth: Annotated[
-        int | None, typer.Option(help="remove attention until at most this many sub-blocks run in sequence")
-    ] = None,
-    max_group: Annotated[int, typer.Option(help="most FFNs in one fused group")] = 8,
-    fuse_last: Annotated[bool, typer.Option(help="also fuse the last FFN of each attention-free run")] = False,
-    max_dependency: Annotated[
-        float | None, typer.Option(help="never fuse two FFNs whose dependency M[i][j] exceeds this")
-    ] = None,
-    parallel_threshold: Annotated[
-        float | None, typer.Option(help="run intact layers as parallel blocks where block dependency <= this")
-    ] = None,
-    max_parallel: Annotated[int, typer.Option(help="most layers in one parallel block")] = 2,
-    costs: Annotated[
-        Path | None, typer.Option(help="measured costs, JSON: attention_ms, ffn_ms, overhead_ms, fixed_ms")
-    ] = None,
+    settings: PlanSettings,
     model: Annotated[
         str | None, typer.Option(help="check the analysis was made from this model (needed by --iterative if moved)")
     ] = None,
-    iterative: Annotated[
-        bool, typer.Option(help="re-score attention on the model after each removal (loads the model; slower)")
-    ] = False,
     data: Annotated[str | None, typer.Option(help="--iterative: calibration text (default: the analysis')")] = None,
     samples: Annotated[int | None, typer.Option(help="--iterative: sequences (default: the analysis')")] = None,
     seq_len: Annotated[int | None, typer.Option(help="--iterative: tokens per sequence")] = None,
@@ -51,20 +31,6 @@ def plan_(
     stream: Annotated[
         bool, typer.Option(help="--iterative: load one layer at a time onto the device (models larger than it)")
     ] = False,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help="with --target-depth: auto (the default there: lowest predicted KL), attention, fusion, parallel "
-            "or layer-drop"
-        ),
-    ] = None,
-    measure_recipes: Annotated[
-        bool,
-        typer.Option(
-            help="with --target-depth: measure every recipe's KL on the model (loads it once) instead of predicting it"
-        ),
-    ] = False,
-    max_pairs: Annotated[int, typer.Option(help="parallel recipe: try 1..this many parallel pairs")] = 4,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """Choose what to remove, fuse and parallelize under a budget; predict depth and latency; write plan.json.
@@ -72,6 +38,13 @@ def plan_(
     With --target-depth alone, the recipes (attention removal, + FFN fusion, + parallel pairs, plain layer
     dropping) are compared at that depth and the one with the lowest predicted KL is written.
     """
+    remove_attention, max_kl, target_depth = settings.remove_attention, settings.max_kl, settings.target_depth
+    iterative, recipe, measure_recipes, costs = (
+        settings.iterative,
+        settings.recipe,
+        settings.measure_recipes,
+        settings.costs,
+    )
     if stream and not iterative:
         fail(ValueError("--stream applies to --iterative re-scoring (plan reads no weights otherwise)."))
     compare = (
@@ -112,30 +85,18 @@ def plan_(
                 a,
                 target_depth,
                 recipe=recipe or "auto",
-                max_group=max_group,
-                fuse_last=fuse_last,
-                max_dependency=max_dependency,
-                parallel_threshold=parallel_threshold,
-                max_pairs=max_pairs,
+                max_group=settings.max_group,
+                fuse_last=settings.fuse_last,
+                max_dependency=settings.max_dependency,
+                parallel_threshold=settings.parallel_threshold,
+                max_pairs=settings.max_pairs,
                 costs=cost_model,
                 rescore=rescore,
                 measure=measure,
             )
             result = comparison.result
         else:
-            result = search_plan(
-                a,
-                remove_attention=remove_attention,
-                max_kl=max_kl,
-                max_group=max_group,
-                target_depth=target_depth,
-                fuse_last=fuse_last,
-                max_dependency=max_dependency,
-                parallel_threshold=parallel_threshold,
-                max_parallel=max_parallel,
-                costs=cost_model,
-                rescore=rescore,
-            )
+            result = search_plan(a, costs=cost_model, rescore=rescore, **settings.budgets())
         write_plan(result.plan, out, overwrite=overwrite)
     except USER_ERRORS as e:
         fail(e)

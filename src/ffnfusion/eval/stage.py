@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from ffnfusion.eval.scoring import EvalError, score_windows, sliding_windows
+from ffnfusion.eval.settings import EvalSettings
 from ffnfusion.eval.zero_shot import resolve_tasks, run_tasks, task_manager
 from ffnfusion.formats.eval import EVAL_FORMAT, EVAL_VERSION
+from ffnfusion.formats.settings import settings_from
 from ffnfusion.io.device import resolve_device
 from ffnfusion.io.output import Input, check_output_file, json_format_is, write_atomic
 
@@ -70,35 +72,29 @@ def check_eval_output(out: str | Path, inputs: Iterable[Input]) -> None:
 
 def evaluate(
     models: list[str],
+    settings: EvalSettings | None = None,
     *,
     reference: str | None = None,
-    data: str | None = None,
-    text_field: str = "text",
-    tasks: list[str] | None = None,
-    task_data_dir: str | Path | None = None,
-    limit: int | None = None,
-    context_len: int = 512,
-    stride: int | None = None,
-    max_tokens: int | None = None,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    device: str = "auto",
-    seed: int = 0,
     labels: list[str] | None = None,
     progress: bool = True,
     out: Path | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Evaluate each model on the same text and tasks; returns (and with `out`, writes) the eval.json content.
 
-    Perplexity needs `data`; fidelity needs `data` and `reference`; tasks run through lm-eval. Every input is
-    checked (models found, tokenizers consistent, tasks known, task files readable) before the first model loads.
+    `settings`, or EvalSettings' fields as keyword `options`. Perplexity needs `data`; fidelity needs `data` and
+    `reference`; tasks run through lm-eval. Every input is checked (models found, tokenizers consistent, tasks
+    known, task files readable) before the first model loads.
     """
     from ffnfusion.io.device import parse_dtype
     from ffnfusion.io.source import load_model, resolve_model
 
+    s = settings_from(EvalSettings, settings, options)
+    data, tasks, task_data_dir, limit, max_tokens = s.data, s.tasks, s.task_data_dir, s.limit, s.max_tokens
+    context_len, stride, batch_size, seed = s.context_len, s.stride, s.batch_size, s.seed
     _check_settings(models, data, tasks, reference, limit, max_tokens, context_len, stride)
-    torch_dtype = parse_dtype(dtype)
-    device = str(resolve_device(device))
+    torch_dtype = parse_dtype(s.dtype)
+    device = str(resolve_device(s.device))
     names = _labels(models, labels)
     sources = [resolve_model(m) for m in models]
     ref_source = resolve_model(reference) if reference is not None else None
@@ -107,7 +103,7 @@ def evaluate(
     task_list = resolve_tasks(tasks or [], task_data_dir)
     manager = task_manager(task_list, task_data_dir) if task_list else None
     ref_tok, tokenizers = _tokenizers(models, sources, ref_source, reference)
-    stream_for = _streams(data, text_field, ref_tok, max_tokens)
+    stream_for = _streams(data, s.text_field, ref_tok, max_tokens)
 
     scoring = _Scoring(context_len, stride, batch_size, limit, seed, progress, task_list, manager)
     ref_model = load_model(ref_source, torch_dtype, device) if ref_source is not None else None
@@ -124,10 +120,10 @@ def evaluate(
             del model
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    settings = _settings(
+    recorded = _settings(
         data, context_len, stride, max_tokens, task_list, task_data_dir, limit, batch_size, torch_dtype, device, seed
     )
-    result = _result(settings, reference, rows)
+    result = _result(recorded, reference, rows)
     if out is not None:
         write_eval(result, out)
     return result

@@ -83,7 +83,7 @@ def write_output(
     report["out"] = str(out)
     extra = {
         LOG_FILE: "".join(json.dumps(r) + "\n" for r in summary.log_history),
-        "heal_summary.json": json.dumps({"settings": asdict(settings), "result": report}, indent=2) + "\n",
+        "heal_summary.json": json.dumps({"settings": settings.model_dump(), "result": report}, indent=2) + "\n",
     }
     plan_file = s_source.folder / PLAN_FILE
     if plan_file.is_file():

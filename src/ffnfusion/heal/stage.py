@@ -22,6 +22,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from ffnfusion.data import DataError, packed_sequences
 from ffnfusion.formats.plan import Plan
+from ffnfusion.formats.settings import settings_from
 from ffnfusion.heal.budget import (
     TimeBudgetCallback,
     TokenProgressCallback,
@@ -36,6 +37,7 @@ from ffnfusion.heal.settings import (
     PLAN_FILE,
     SETTINGS_FILE,
     HealError,
+    HealRun,
     HealSettings,
     HealSummary,
 )
@@ -76,22 +78,23 @@ def heal(
     overwrite: bool = False,
     resume: bool = False,
     checkpoint_dir: str | Path | None = None,
-    save_steps: int = 500,
-    logging_steps: int = 10,
-    keep_checkpoints: bool = False,
     callbacks: list[TrainerCallback] | None = None,
     progress: bool = True,
+    run: HealRun | None = None,
+    **run_options: Any,
 ) -> HealSummary:
     """Distil `teacher` into the fused checkpoint `student`; write the healed checkpoint to `out` (atomically).
 
     Call it in every process of a distributed launch (torchrun / accelerate launch): Trainer splits the batches,
     and only the main process writes `out`. Checkpoints for `--resume` go to `checkpoint_dir` (default: beside
-    `out`, named `<out>.checkpoints`) and are deleted after a successful run unless `keep_checkpoints`.
+    `out`, named `<out>.checkpoints`) and are deleted after a successful run unless `keep_checkpoints`. How the run
+    is checkpointed and logged: `run`, or HealRun's fields as keyword `run_options` (save_steps=...).
     """
+    run = settings_from(HealRun, run, run_options)
     settings.check()
     settings.bf16 = _resolve_bf16(settings.bf16)
     job = _prepare(student, teacher, out, settings, overwrite, resume, checkpoint_dir)
-    args = _training_args(settings, job.checkpoint_dir, save_steps, logging_steps)
+    args = _training_args(settings, job.checkpoint_dir, run.save_steps, run.logging_steps)
     _check_token_budget(settings, args)
     teacher_model = _load_teacher(job.t_source, settings, args)
     sequences = _training_sequences(job, settings, args, teacher_model)
@@ -118,13 +121,13 @@ def heal(
 
     # Collective on FSDP (gathers the shards), so every process calls it; only the main one writes.
     state = trainer.accelerator.get_state_dict(trainer.model)
-    run = _Trained(trainer, result, teacher_model, sequences, blocks, trainable, total)
-    summary = _summary(job.out, run, settings, args, budget, timer, warnings)
+    trained = _Trained(trainer, result, teacher_model, sequences, blocks, trainable, total)
+    summary = _summary(job.out, trained, settings, args, budget, timer, warnings)
     if trainer.is_world_process_zero():
         write_output(
             job.out, job.inputs, job.s_source, job.student_config, state, job.tokenizer, summary, settings, overwrite
         )
-        if not keep_checkpoints:
+        if not run.keep_checkpoints:
             shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return summary

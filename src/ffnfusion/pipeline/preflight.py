@@ -8,7 +8,6 @@ files, option values.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,7 @@ def _check_heal(cfg: RunConfig, h: dict[str, Any], problems: list[str]) -> None:
     data = h.get("data", [cfg.data])
     for spec in [data] if isinstance(data, str) else data:
         check_text_source(spec, "heal.data")
-    names = {field.name for field in fields(HealSettings)}
+    names = set(HealSettings.model_fields)
     options = {"data": [data] if isinstance(data, str) else data, "seed": cfg.seed}
     HealSettings(**{**{k: v for k, v in h.items() if k in names}, **options}).check()
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +253,7 @@ class Run:
         from ffnfusion.heal.stage import heal
 
         cfg = self.config
-        setting_names = {f.name for f in fields(HealSettings)}
+        setting_names = set(HealSettings.model_fields)
         options = self.heal_options()
         settings = HealSettings(**{k: v for k, v in options.items() if k in setting_names})
         extra = {k: v for k, v in options.items() if k not in setting_names}
