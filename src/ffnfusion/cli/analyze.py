@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -49,6 +49,11 @@ def analyze(
         fail(e)
     if not main_process:
         return
+    print_analysis(result)
+
+
+def print_analysis(result: Any) -> None:
+    """Per-layer statistics, the safest removals and windows, what the analysis cost, and where it was written."""
     a = result.analysis
     n = a.num_layers
     shape = f"{n} layers, {a.calibration.samples} x {a.calibration.seq_len} tokens"

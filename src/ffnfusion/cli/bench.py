@@ -50,34 +50,7 @@ def bench(
     check_plan_file(plan)
     command = "ffnfusion " + " ".join(sys.argv[1:])
     if tp != 1:
-        from ffnfusion.bench.tensor_parallel import bench_tp_stage
-        from ffnfusion.bench.tensor_parallel import markdown_table as tp_table
-
-        try:
-            report = bench_tp_stage(
-                tp=tp,
-                model=model,
-                compare=compare or [],
-                plan=plan,
-                random_weights=settings.random_weights,
-                shape=settings.shape,
-                layers=settings.layers,
-                batch_sizes=settings.batch_sizes,
-                prompt_len=settings.prompt_len,
-                new_tokens=settings.new_tokens,
-                repeats=settings.repeats,
-                dtype=settings.dtype,
-                device=settings.device,
-                graphs=settings.graphs,
-                out=out,
-                command=command,
-                seed=settings.seed,
-            )
-        except USER_ERRORS as e:
-            fail(e)
-        if report is not None:
-            console.print(tp_table(report), markup=False, highlight=False, soft_wrap=True)
-            console.print(f"wrote {out}")
+        _bench_tp(tp, model, compare, plan, settings, out, command)
         return
 
     from ffnfusion.bench.stage import bench as run_bench
@@ -98,3 +71,43 @@ def bench(
         fail(e)
     console.print(markdown_table(result), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out}")
+
+
+def _bench_tp(
+    tp: int,
+    model: str | None,
+    compare: list[str] | None,
+    plan: Path | None,
+    settings: BenchSettings,
+    out: Path,
+    command: str,
+) -> None:
+    """`--tp N`: the tensor-parallel path (random weights of a real shape, one process per rank)."""
+    from ffnfusion.bench.tensor_parallel import bench_tp_stage
+    from ffnfusion.bench.tensor_parallel import markdown_table as tp_table
+
+    try:
+        report = bench_tp_stage(
+            tp=tp,
+            model=model,
+            compare=compare or [],
+            plan=plan,
+            random_weights=settings.random_weights,
+            shape=settings.shape,
+            layers=settings.layers,
+            batch_sizes=settings.batch_sizes,
+            prompt_len=settings.prompt_len,
+            new_tokens=settings.new_tokens,
+            repeats=settings.repeats,
+            dtype=settings.dtype,
+            device=settings.device,
+            graphs=settings.graphs,
+            out=out,
+            command=command,
+            seed=settings.seed,
+        )
+    except USER_ERRORS as e:
+        fail(e)
+    if report is not None:
+        console.print(tp_table(report), markup=False, highlight=False, soft_wrap=True)
+        console.print(f"wrote {out}")

@@ -38,75 +38,45 @@ def plan_(
     With --target-depth alone, the recipes (attention removal, + FFN fusion, + parallel pairs, plain layer
     dropping) are compared at that depth and the one with the lowest predicted KL is written.
     """
-    remove_attention, max_kl, target_depth = settings.remove_attention, settings.max_kl, settings.target_depth
-    iterative, recipe, measure_recipes, costs = (
-        settings.iterative,
-        settings.recipe,
-        settings.measure_recipes,
-        settings.costs,
-    )
-    if stream and not iterative:
+    if stream and not settings.iterative:
         fail(ValueError("--stream applies to --iterative re-scoring (plan reads no weights otherwise)."))
-    compare = (
-        recipe is not None
-        or measure_recipes
-        or (target_depth is not None and remove_attention is None and max_kl is None)
-    )
-    if compare and (target_depth is None or remove_attention is not None or max_kl is not None):
-        fail(
-            ValueError(
-                "--recipe and --measure-recipes compare recipes at a --target-depth D; give --target-depth "
-                "without --remove-attention or --max-kl."
-            )
-        )
     from ffnfusion.analyze import load_analysis
     from ffnfusion.analyze.rescore import iterative_rescorer, recipe_measurer
     from ffnfusion.plan.costs import CostModel
-    from ffnfusion.plan.recipes import compare_recipes
-    from ffnfusion.plan.search import check_model, check_plan_output, search_plan, write_plan
+    from ffnfusion.plan.search import check_model, check_plan_output, write_plan
+    from ffnfusion.plan.stage import choose_plan
 
     try:
-        inputs = [("analysis", analysis), ("costs file", costs), ("input model", model), ("data", data)]
+        settings.check_recipes()
+        inputs = [("analysis", analysis), ("costs file", settings.costs), ("input model", model), ("data", data)]
         check_plan_output(out, inputs, overwrite=overwrite)
         a = load_analysis(analysis)
-        if model is not None and not iterative:
+        if model is not None and not settings.iterative:
             check_model(a, model)
-        cost_model = CostModel.load(costs, a) if costs is not None else None
+        cost_model = CostModel.load(settings.costs, a) if settings.costs is not None else None
         # What re-measuring on the model needs (--iterative, --measure-recipes): the analysis' settings by default.
         on_model = dict(
             model=model, data=data, samples=samples, seq_len=seq_len, device=device, dtype=dtype,
             batch_size=batch_size, log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
         )  # fmt: skip
-        rescore = iterative_rescorer(a, stream=stream, **on_model) if iterative else None
-        comparison = None
-        if compare:
-            measure = recipe_measurer(a, **on_model) if measure_recipes else None
-            comparison = compare_recipes(
-                a,
-                target_depth,
-                recipe=recipe or "auto",
-                max_group=settings.max_group,
-                fuse_last=settings.fuse_last,
-                max_dependency=settings.max_dependency,
-                parallel_threshold=settings.parallel_threshold,
-                max_pairs=settings.max_pairs,
-                costs=cost_model,
-                rescore=rescore,
-                measure=measure,
-            )
-            result = comparison.result
-        else:
-            result = search_plan(a, costs=cost_model, rescore=rescore, **settings.budgets())
+        rescore = iterative_rescorer(a, stream=stream, **on_model) if settings.iterative else None
+        measure = recipe_measurer(a, **on_model) if settings.measure_recipes else None
+        result, comparison = choose_plan(a, settings, cost_model, rescore, measure)
         write_plan(result.plan, out, overwrite=overwrite)
     except USER_ERRORS as e:
         fail(e)
     if comparison is not None:
-        console.print(recipe_table(comparison, target_depth))
+        console.print(recipe_table(comparison, settings.target_depth))
         for r in comparison.recipes:
             if r.note:
                 console.print(f"  {r.name}: {escape(r.note)}", highlight=False)
+    print_plan(result, a.model.name, out)
+
+
+def print_plan(result: Any, model_name: str, out: Path) -> None:
+    """The plan, its predicted KL, depth and latency, and the budgets it could not meet."""
     p, info = result.plan, result.plan.info
-    table = Table(title=f"plan for {a.model.name}: {out}")
+    table = Table(title=f"plan for {model_name}: {out}")
     table.add_column("")
     table.add_column("value")
     table.add_row("remove attention", str(p.remove_attention))

@@ -190,48 +190,28 @@ class Run:
 
     def _plan(self) -> None:
         from ffnfusion.analyze import load_analysis
-        from ffnfusion.analyze.rescore import iterative_rescorer
+        from ffnfusion.analyze.rescore import iterative_rescorer, recipe_measurer
         from ffnfusion.plan.costs import CostModel
-        from ffnfusion.plan.search import search_plan, write_plan
+        from ffnfusion.plan.search import write_plan
+        from ffnfusion.plan.settings import PlanSettings
+        from ffnfusion.plan.stage import choose_plan
 
         analysis = load_analysis(self.path("analysis"))
-        options = dict(self.config.plan)
-        rescore = (
-            iterative_rescorer(analysis, model=self.config.model, log=self.log)
-            if options.pop("iterative", False)
-            else None
-        )
-        costs = options.pop("costs", None)
-        cost_model = CostModel.load(costs, analysis) if costs else None
-        recipe, measure, max_pairs = (
-            options.pop("recipe", None),
-            options.pop("measure_recipes", False),
-            options.pop("max_pairs", 4),
-        )
-        if "target_depth" in options and not {"remove_attention", "max_kl"} & options.keys():
-            # Recipes compared at the target depth (as `plan --target-depth` does); the best predicted KL wins.
-            from ffnfusion.analyze.rescore import recipe_measurer
-            from ffnfusion.plan.recipes import compare_recipes
-
-            options.pop("max_parallel", None)
-            comparison = compare_recipes(
-                analysis,
-                recipe=recipe or "auto",
-                costs=cost_model,
-                rescore=rescore,
-                measure=recipe_measurer(analysis, model=self.config.model, log=self.log) if measure else None,
-                max_pairs=max_pairs,
-                **options,
-            )
-            result = comparison.result
+        s = PlanSettings(**self.config.plan)
+        model = self.config.model
+        rescore = iterative_rescorer(analysis, model=model, log=self.log) if s.iterative else None
+        cost_model = CostModel.load(s.costs, analysis) if s.costs else None
+        depth_alone = s.target_depth is not None and s.remove_attention is None and s.max_kl is None
+        if (s.recipe is not None or s.measure_recipes) and not depth_alone:
+            raise ValueError("plan.recipe and plan.measure_recipes need plan.target_depth (and no other budget)")
+        if s.remove_attention is None and s.max_kl is None and s.target_depth is None:
+            # A first run's budget: a quarter of the attention sub-blocks, as a starting point to look at.
+            s = s.model_copy(update={"remove_attention": max(1, analysis.num_layers // 4)})
+        # At a target depth alone, recipes are compared (as `plan --target-depth` does); the best predicted KL wins.
+        measure = recipe_measurer(analysis, model=model, log=self.log) if s.measure_recipes else None
+        result, comparison = choose_plan(analysis, s, cost_model, rescore, measure)
+        if comparison is not None:
             self.log(f"plan: recipe {comparison.chosen.name} ({comparison.why})")
-        else:
-            if recipe is not None or measure:
-                raise ValueError("plan.recipe and plan.measure_recipes need plan.target_depth (and no other budget)")
-            if not {"remove_attention", "max_kl", "target_depth"} & options.keys():
-                # A first run's budget: a quarter of the attention sub-blocks, as a starting point to look at.
-                options["remove_attention"] = max(1, analysis.num_layers // 4)
-            result = search_plan(analysis, costs=cost_model, rescore=rescore, **options)
         write_plan(result.plan, self.path("plan.json"), overwrite=True)
         p = result.plan
         self.log(
