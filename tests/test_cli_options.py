@@ -1,12 +1,12 @@
 """Each verb's options are the stage's own settings: same names, same defaults, so they cannot drift apart.
 
-The stage function's signature (and HealSettings for heal) is the declaration; the typer verb restates it with help
-texts. Every intended difference is listed here with its reason, so a new option added on one side only fails.
+The stage's settings model (AnalyzeSettings, ..., HealSettings) and the stage function's own keyword parameters are
+the declaration; the typer verb is generated from it (cli/options.py). Every intended difference is listed here with
+its reason, so a new option added on one side only fails.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -23,17 +23,35 @@ def _defaults(fn: Callable[..., Any]) -> dict[str, Any]:
     return {name: p.default for name, p in inspect.signature(fn).parameters.items()}
 
 
-def _stage(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _declared(fn: Callable[..., Any], *models: Any) -> dict[str, Any]:
+    """A stage's options and their defaults: its own keyword parameters and its settings models' fields."""
+    params = {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is not p.VAR_KEYWORD and name not in ("settings", "run")
+    }
+    for model in models:
+        params |= {name: EMPTY if f.is_required() else f.default for name, f in model.model_fields.items()}
+    return params
+
+
+def _stage(name: str) -> tuple[Callable[..., Any], dict[str, Any]]:
+    from ffnfusion.analyze.settings import AnalyzeSettings
     from ffnfusion.analyze.stage import analyze
+    from ffnfusion.bench.settings import BenchSettings
     from ffnfusion.bench.stage import bench
+    from ffnfusion.eval.settings import EvalSettings
     from ffnfusion.eval.stage import evaluate
     from ffnfusion.fuse import fuse
+    from ffnfusion.fuse_settings import FuseSettings
+    from ffnfusion.generate import GenerateSettings, generate
 
     return {
-        "analyze": (cli.analyze, analyze),
-        "fuse": (cli.fuse, fuse),
-        "eval": (cli.eval_, evaluate),
-        "bench": (cli.bench, bench),
+        "analyze": (cli.analyze, _declared(analyze, AnalyzeSettings)),
+        "fuse": (cli.fuse, _declared(fuse, FuseSettings)),
+        "eval": (cli.eval_, _declared(evaluate, EvalSettings)),
+        "bench": (cli.bench, _declared(bench, BenchSettings)),
+        "generate": (cli.generate, _declared(generate, GenerateSettings)),
     }[name]
 
 
@@ -57,14 +75,16 @@ DIFFERENCES: dict[str, tuple[set[str], set[str], dict[str, tuple[Any, Any]]]] = 
             "compare": (None, ()),
         },
     ),
+    # The stage logs through a callback; the engine's host-sync interval is no option.
+    "generate": (set(), {"log", "sync_every"}, {}),
 }
 
 
 @pytest.mark.parametrize("verb", sorted(DIFFERENCES))
 def test_verb_options_are_the_stage_parameters(verb: str) -> None:
-    verb_fn, stage_fn = _stage(verb)
+    verb_fn, params = _stage(verb)
     cli_only, stage_only, written_differently = DIFFERENCES[verb]
-    options, params = _defaults(verb_fn), _defaults(stage_fn)
+    options = _defaults(verb_fn)
     assert set(options) - set(params) == cli_only
     assert set(params) - set(options) == stage_only
     for name in set(options) & set(params):
@@ -73,12 +93,12 @@ def test_verb_options_are_the_stage_parameters(verb: str) -> None:
 
 
 def test_heal_options_are_heal_settings() -> None:
-    from ffnfusion.heal.settings import HealSettings
+    from ffnfusion.heal.settings import HealRun, HealSettings
     from ffnfusion.heal.stage import heal
 
-    settings = {f.name: f.default for f in dataclasses.fields(HealSettings)}
+    settings = _declared(lambda: None, HealSettings, HealRun)
     options = _defaults(cli.heal)
-    stage = _defaults(heal)
+    stage = _declared(heal)
     # The models and the output are arguments of both; the stage alone takes callbacks and a progress switch.
     assert set(options) == set(settings) | (set(stage) - {"settings", "callbacks", "progress"})
     for name, default in options.items():

@@ -8,10 +8,12 @@ from typing import Any
 
 from ffnfusion.adapters import adapter_for
 from ffnfusion.formats.plan import ENGINE_WIDTH_MULTIPLE, Plan, check_plan_model, plan_blocks, sequential_sub_blocks
+from ffnfusion.formats.settings import settings_from
+from ffnfusion.fuse_settings import FuseSettings
 from ffnfusion.io.checkpoint import TensorInfo, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.io.device import parse_dtype
 from ffnfusion.io.output import check_output_dir
-from ffnfusion.io.source import ModelSourceError, resolve_model
+from ffnfusion.io.source import ModelSource, ModelSourceError, resolve_model
 from ffnfusion.modeling.modeling_decilm import block_ffn_width
 from ffnfusion.surgery import fused_config, fused_tensors
 
@@ -101,31 +103,12 @@ def engine_support(config: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def fuse(
-    model: str,
-    plan: Plan | str | Path,
-    out: str | Path,
-    overwrite: bool = False,
-    dtype: str | None = None,
-    allow_any_width: bool = False,
-    max_shard_bytes: int = 5 * 2**30,
-    force_plan: bool = False,
-) -> FuseSummary:
-    """Apply `plan` to `model` and write the fused checkpoint to `out` (atomically).
-
-    A plan that records another model (info.model: layer count and architecture hash) is refused unless
-    `force_plan`. Every check that reads no weights runs before the first tensor is read.
-    """
+def _fused_layout(
+    source: ModelSource, model: str, plan: Plan | str | Path, force_plan: bool, allow_any_width: bool
+) -> tuple[Plan, dict[str, Any], dict[str, Any]]:
+    """(the plan, the original's DeciLM config, the fused config): the plan checked against the model."""
     from ffnfusion.formats.analysis import config_hash
 
-    source = resolve_model(model)
-    if source.is_fused_checkpoint:
-        raise ModelSourceError(
-            f"{model} is already a fused checkpoint; plans index the ORIGINAL model's layers, so fuse the original."
-        )
-    inputs = [("input model", source.input_path), ("plan", None if isinstance(plan, Plan) else plan)]
-    out = Path(out)
-    check_output_dir(out, "fuse", inputs, overwrite)
     plan_arg = plan
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     hf_config = source.config()
@@ -136,7 +119,36 @@ def fuse(
     widths_ok = all(block_ffn_width(b, base["hidden_size"]) % ENGINE_WIDTH_MULTIPLE == 0 for b in base["block_configs"])
     # Only insist on engine-readable fused widths when the original model itself is engine-readable.
     new_config = fused_config(base, plan, require_engine_widths=widths_ok and not allow_any_width)
-    cast = parse_dtype(dtype) if dtype else None
+    return plan, base, new_config
+
+
+def fuse(
+    model: str,
+    plan: Plan | str | Path,
+    out: str | Path,
+    settings: FuseSettings | None = None,
+    *,
+    overwrite: bool = False,
+    force_plan: bool = False,
+    **options: Any,
+) -> FuseSummary:
+    """Apply `plan` to `model` and write the fused checkpoint to `out` (atomically).
+
+    `settings`, or FuseSettings' fields as keyword `options`. A plan that records another model (info.model: layer
+    count and architecture hash) is refused unless `force_plan`. Every check that reads no weights runs before the
+    first tensor is read.
+    """
+    settings = settings_from(FuseSettings, settings, options)
+    source = resolve_model(model)
+    if source.is_fused_checkpoint:
+        raise ModelSourceError(
+            f"{model} is already a fused checkpoint; plans index the ORIGINAL model's layers, so fuse the original."
+        )
+    inputs = [("input model", source.input_path), ("plan", None if isinstance(plan, Plan) else plan)]
+    out = Path(out)
+    check_output_dir(out, "fuse", inputs, overwrite)
+    plan, base, new_config = _fused_layout(source, model, plan, force_plan, settings.allow_any_width)
+    cast = parse_dtype(settings.dtype) if settings.dtype else None
     # Every output tensor's name, shape and dtype, from the surgery itself run on meta tensors: only shard headers
     # are read, a missing or mis-shaped tensor fails here before anything is written, and the writer can lay out
     # each shard up front and stream one tensor at a time.
@@ -150,7 +162,7 @@ def fuse(
             fused_tensors(base, plan, get),
             tokenizer,
             generation_config=source.generation_config(),
-            max_shard_bytes=max_shard_bytes,
+            max_shard_bytes=settings.max_shard_bytes,
             extra_files={"ffnfusion_plan.json": plan.model_dump_json(indent=2) + "\n"},
             infos=infos,
         )

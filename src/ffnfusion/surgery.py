@@ -79,13 +79,21 @@ def block_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of fused-model block `index`, built from original layers through `get`."""
     out = f"model.layers.{index}."
-    qkv_bias = config.get("attention_bias") or config.get("qkv_bias")
-    o_bias = config.get("attention_bias")
-    mlp_bias = config.get("mlp_bias")
 
     def src(layer: int, name: str) -> torch.Tensor:
         return get(f"model.layers.{layer}.{name}")
 
+    yield from _attention_tensors(config, block, out, src)
+    if block.ffn_from:
+        yield from _ffn_tensors(config, block, out, src)
+
+
+def _attention_tensors(
+    config: dict[str, Any], block: Block, out: str, src: Callable[[int, str], torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A parallel block's attentions side by side (one wide attention), or one layer's attention as it is."""
+    qkv_bias = config.get("attention_bias") or config.get("qkv_bias")
+    o_bias = config.get("attention_bias")
     if block.kind == "parallel":
         members = block.layers
         g_in = [src(i, "input_layernorm.weight") for i in members]
@@ -115,8 +123,12 @@ def block_tensors(
             for norm in ("q_norm", "k_norm"):
                 yield out + f"self_attn.{norm}.weight", src(i, f"self_attn.{norm}.weight")
 
-    if not block.ffn_from:
-        return
+
+def _ffn_tensors(
+    config: dict[str, Any], block: Block, out: str, src: Callable[[int, str], torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """One layer's FFN as it is, or a fused FFN group / parallel block's FFNs as one wide FFN."""
+    mlp_bias = config.get("mlp_bias")
     if block.kind == "layer":
         i = block.ffn_from[0]
         yield out + "post_attention_layernorm.weight", src(i, "post_attention_layernorm.weight")

@@ -7,8 +7,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,42 +17,31 @@ import torch
 from ffnfusion.adapters import adapter_for
 from ffnfusion.analyze.data_parallel import DataParallel
 from ffnfusion.analyze.data_parallel import from_environment as data_parallel_from_environment
-from ffnfusion.analyze.dependency import window_scores
-from ffnfusion.analyze.heatmap import plot_attention, plot_dependency
-from ffnfusion.analyze.identity import getter_fingerprint, model_fingerprint, model_identity
+from ffnfusion.analyze.identity import model_fingerprint, model_identity
 from ffnfusion.analyze.measure import Measurements, measure, planned_evals
+from ffnfusion.analyze.progress import progress_bar
+from ffnfusion.analyze.record import build_analysis, write_figures
+from ffnfusion.analyze.settings import AnalyzeSettings
+from ffnfusion.analyze.streamed_model import measure_streamed_model, stream_progress_path
 from ffnfusion.data import DataError, calibration_tokens
 from ffnfusion.formats.analysis import (
     Analysis,
-    AttentionScore,
     Calibration,
-    Cost,
-    CostPart,
-    LayerStats,
     ModelIdentity,
     Settings,
-    SubBlockStats,
-    Window,
     config_hash,
 )
 from ffnfusion.formats.plan import Plan, validate_plan
+from ffnfusion.formats.settings import settings_from
 from ffnfusion.io.checkpoint import atomic_output_dir
 from ffnfusion.io.device import device_name, resolve_device, resolve_dtype
-from ffnfusion.io.output import check_output_dir
+from ffnfusion.io.output import Input, check_output_dir
 from ffnfusion.io.source import (
     ModelSource,
     ModelSourceError,
-    dispatched_loader,
     load_model,
     resolve_model,
 )
-
-PARTS = ("baseline", "teacher", "ffn_dependency", "block_dependency", "attention")
-HEATMAPS = {
-    "ffn_dependency": "ffn_dependency.png",
-    "block_dependency": "block_dependency.png",
-    "attention_importance": "attention_importance.png",
-}
 
 
 @dataclass
@@ -86,135 +74,84 @@ def parse_layers(spec: str | Iterable[int] | None) -> list[int]:
     return sorted(out)
 
 
-def _cost(m: Measurements, num_layers: int, removed: set[int]) -> Cost:
-    per_forward = 2 * num_layers - len(removed)
-    parts = {}
-    total = 0.0
-    for part in PARTS:
-        evals = m.counter.sub_blocks.get(part, 0)
-        heads = m.counter.lm_heads.get(part, 0)
-        if not evals and not heads:
-            continue
-        fe = evals / (per_forward * m.batches)
-        parts[part] = CostPart(sub_block_evals=evals, lm_head_evals=heads, forward_equivalents=round(fe, 4))
-        total += fe
-    return Cost(
-        sub_blocks_per_forward=per_forward,
-        batches=m.batches,
-        parts=parts,
-        total_forward_equivalents=round(total, 4),
-        naive_forward_equivalents_per_matrix=num_layers,
-    )
-
-
-def build_analysis(identity: ModelIdentity, calibration: Calibration, settings: Settings, m: Measurements) -> Analysis:
-    n = identity.num_layers
-    removed = set(settings.remove_attention)
-    s = m.stats.tolist()
-
-    def sub(k: int, i: int) -> SubBlockStats:
-        return SubBlockStats(rel_norm=s[i][k][0], cos_distance=s[i][k][1])
-
-    layers = [
-        LayerStats(layer=i, attention=None if i in removed else sub(0, i), ffn=sub(1, i), block=sub(2, i))
-        for i in range(n)
-    ]
-    att = m.attention
-    scores = [
-        AttentionScore(layer=i, kl=kl, lm_loss=ce, lm_loss_delta=ce - att.original_lm_loss)
-        for i, (kl, ce) in sorted(att.scores.items())
-    ]
-    return Analysis(
-        model=identity,
-        calibration=calibration,
-        settings=settings,
-        original_lm_loss=att.original_lm_loss,
-        base_lm_loss=att.base_lm_loss,
-        base_kl=att.base_kl,
-        layers=layers,
-        attention_importance=scores,
-        ffn_dependency=m.ffn,
-        block_dependency=m.block,
-        ffn_windows=[Window(**w) for w in window_scores(m.ffn, settings.max_window)],
-        block_windows=[Window(**w) for w in window_scores(m.block, settings.max_window)],
-        cost=_cost(m, n, removed),
-        heatmaps=dict(HEATMAPS),
-    )
-
-
-def write_figures(analysis: Analysis, folder: Path) -> None:
-    removed = set(analysis.settings.remove_attention)
-    name = Path(analysis.model.name).name or analysis.model.name
-    where = f" with attention {sorted(removed)} removed" if removed else ""
-    plot_dependency(
-        analysis.ffn_dependency, removed, f"FFN dependency M[i,j]: {name}{where}", folder / HEATMAPS["ffn_dependency"]
-    )
-    plot_dependency(
-        analysis.block_dependency,
-        removed,
-        f"block dependency: {name}{where}",
-        folder / HEATMAPS["block_dependency"],
-        what="block",
-    )
-    plot_attention(analysis.kl_by_layer(), analysis.num_layers, removed, folder / HEATMAPS["attention_importance"])
-
-
-@contextmanager
-def _progress(show: bool, total: int, description: str) -> Iterator[Callable[[int], None] | None]:
-    if not show:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("sub-blocks"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda k: bar.advance(task, k)
-
-
 def analyze(
     model: str,
     out: str | Path,
-    data: str = "self",
-    samples: int = 64,
-    seq_len: int = 512,
-    seed: int = 0,
-    text_field: str = "text",
-    remove_attention: str | Iterable[int] | None = None,
-    plan: str | Path | None = None,
-    max_window: int = 8,
-    device: str | None = None,
-    dtype: str | None = "auto",
-    batch_size: int | None = None,
+    settings: AnalyzeSettings | None = None,
+    *,
     overwrite: bool = False,
-    stream: bool = False,
-    activations: str = "auto",
-    stream_samples: int | None = None,
     show_progress: bool = False,
     log: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> AnalyzeResult:
     """Measure `model` on calibration text and write `out`/analysis.json plus heatmaps (atomically).
 
-    stream=True loads one layer at a time onto the device (see `analysis.streamed`), for models larger than the
-    device or host memory; `activations` (auto, device, cpu) and `stream_samples` (sequences per pass over the
-    weights) bound the memory of the activations kept between layers. Results match the in-memory path.
+    `settings`, or AnalyzeSettings' fields as keyword `options`. stream=True loads one layer at a time onto the
+    device (see `analysis.streamed`), for models larger than the device or host memory; `activations` (auto,
+    device, cpu) and `stream_samples` (sequences per pass over the weights) bound the memory of the activations
+    kept between layers. Results match the in-memory path.
     """
     started = time.perf_counter()
+    s = settings_from(AnalyzeSettings, settings, options)
+    data, samples, seq_len, seed, text_field = s.data, s.samples, s.seq_len, s.seed, s.text_field
     say = log or (lambda _msg: None)
+    job = _prepare(
+        model, out, data, samples, s.max_window, s.remove_attention, s.plan, s.device, s.dtype, s.batch_size, overwrite
+    )
+    dp, dev = job.dp, job.dev
+    show_progress = show_progress and (dp is None or dp.is_main)
+    if dp is not None:
+        say(f"data parallel: {dp.world} processes, process k measures batches k, k + {dp.world}, ... (this: {dp.rank})")
+    _check_streaming(s.stream, s.activations, s.stream_samples)
+    tokenizer = job.source.tokenizer()
+    if tokenizer is None:
+        raise ModelSourceError(f"{model} has no tokenizer; analysis needs one to tokenize the calibration text.")
+    calibrate = _calibrator(job, tokenizer, data, samples, seq_len, seed, text_field, say)
+    per_batch = planned_evals(job.num_layers, job.removed)
+    batches = -(-samples // job.batch_size)
+    if dp is not None:
+        batches = sum(dp.mine(b) for b in range(batches))
+    progress_total = sum(per_batch.values()) * batches
+
+    m, identity, tokens, measure_seconds = _measure(
+        job, model, s.stream, s.activations, s.stream_samples, calibrate, show_progress, progress_total, say
+    )
+    calibration, recorded = _records(job, data, samples, seq_len, seed, text_field, tokens, s.max_window)
+    analysis = build_analysis(identity, calibration, recorded, m)
+    seconds = time.perf_counter() - started
+    _write(job, analysis, seconds, measure_seconds, overwrite)
+    return AnalyzeResult(analysis, job.out, seconds, measure_seconds, device_name(dev))
+
+
+@dataclass
+class _Job:
+    """What `analyze` knows once its inputs are checked: the model, its config, the output, the device."""
+
+    source: ModelSource
+    out: Path
+    inputs: list[Input]
+    decilm_config: dict[str, Any]
+    num_layers: int
+    removed: set[int]
+    dp: DataParallel | None
+    dev: torch.device
+    torch_dtype: torch.dtype
+    batch_size: int
+
+
+def _prepare(
+    model: str,
+    out: str | Path,
+    data: str,
+    samples: int,
+    max_window: int,
+    remove_attention: str | Iterable[int] | None,
+    plan: str | Path | None,
+    device: str | None,
+    dtype: str | None,
+    batch_size: int | None,
+    overwrite: bool,
+) -> _Job:
     if samples < 1:
         raise DataError(f"--samples must be at least 1 (got {samples}).")
     if max_window < 2:
@@ -241,9 +178,10 @@ def analyze(
     batch_size = batch_size or (16 if dev.type == "cuda" else 8)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1 (got {batch_size}).")
-    show_progress = show_progress and (dp is None or dp.is_main)
-    if dp is not None:
-        say(f"data parallel: {dp.world} processes, process k measures batches k, k + {dp.world}, ... (this: {dp.rank})")
+    return _Job(source, out, inputs, decilm_config, num_layers, removed, dp, dev, torch_dtype, batch_size)
+
+
+def _check_streaming(stream: bool, activations: str, stream_samples: int | None) -> None:
     if activations not in ("auto", "device", "cpu"):
         raise ValueError(f"--activations {activations}: use auto, device or cpu.")
     if not stream and (activations != "auto" or stream_samples is not None):
@@ -251,14 +189,20 @@ def analyze(
     if stream_samples is not None and stream_samples < 1:
         raise ValueError(f"--stream-samples must be at least 1 (got {stream_samples}).")
 
-    tokenizer = source.tokenizer()
-    if tokenizer is None:
-        raise ModelSourceError(f"{model} has no tokenizer; analysis needs one to tokenize the calibration text.")
-    identity_key = config_hash(decilm_config)
-    per_batch = planned_evals(num_layers, removed)
-    batches = -(-samples // batch_size)
-    if dp is not None:
-        batches = sum(dp.mine(b) for b in range(batches))
+
+def _calibrator(
+    job: _Job,
+    tokenizer: Any,
+    data: str,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    text_field: str,
+    say: Callable[[str], None],
+) -> Callable[[Any], torch.Tensor]:
+    """model (or layer loader) -> the calibration tokens; `--data self` samples them from that model."""
+    identity_key = config_hash(job.decilm_config)
+    dp = job.dp
 
     def calibrate(model_or_loader: Any) -> torch.Tensor:
         say(f"calibration data: {data} ({samples} x {seq_len} tokens, seed {seed})")
@@ -278,40 +222,52 @@ def analyze(
         dp.barrier()
         return tokens()
 
-    if stream:
-        m, identity, tokens, measure_seconds = _measure_streamed(
-            source,
-            model,
-            out,
-            decilm_config,
-            calibrate,
-            removed,
-            dev,
-            torch_dtype,
-            batch_size,
-            activations=activations,
-            stream_samples=stream_samples,
-            show_progress=show_progress,
-            progress_total=sum(per_batch.values()) * batches,
-            say=say,
-            dp=dp,
-        )
-    else:
-        say(f"loading {model} ({str(torch_dtype).removeprefix('torch.')}, {dev})")
-        hf_model = load_model(source, torch_dtype, dev)
-        tokens = calibrate(hf_model)
-        from ffnfusion.surgery import fuse_model
+    return calibrate
 
-        decilm = fuse_model(hf_model, Plan())
-        del hf_model
-        identity = model_identity(model, decilm_config, model_fingerprint(decilm))
-        measure_started = time.perf_counter()
-        with _progress(show_progress, sum(per_batch.values()) * batches, "analyzing") as tick:
-            m = measure(decilm, tokens, removed, batch_size, tick, dp)
-        del decilm
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        measure_seconds = time.perf_counter() - measure_started
+
+def _measure(
+    job: _Job,
+    model: str,
+    stream: bool,
+    activations: str,
+    stream_samples: int | None,
+    calibrate: Callable[[Any], torch.Tensor],
+    show_progress: bool,
+    progress_total: int,
+    say: Callable[[str], None],
+) -> tuple[Measurements, ModelIdentity, torch.Tensor, float]:
+    if not stream:
+        return _measure_in_memory(job, model, calibrate, show_progress, progress_total, say)
+    return measure_streamed_model(
+        job.source,
+        model,
+        job.out,
+        job.decilm_config,
+        calibrate,
+        job.removed,
+        job.dev,
+        job.torch_dtype,
+        job.batch_size,
+        activations=activations,
+        stream_samples=stream_samples,
+        show_progress=show_progress,
+        progress_total=progress_total,
+        say=say,
+        dp=job.dp,
+    )
+
+
+def _records(
+    job: _Job,
+    data: str,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    text_field: str,
+    tokens: torch.Tensor,
+    max_window: int,
+) -> tuple[Calibration, Settings]:
+    """What analysis.json records about the calibration text and the settings it was measured with."""
     calibration = Calibration(
         data=str(data),
         samples=samples,
@@ -321,26 +277,57 @@ def analyze(
         tokens_sha256=hashlib.sha256(tokens.numpy().astype("<i8").tobytes()).hexdigest(),
     )
     settings = Settings(
-        dtype=str(torch_dtype).removeprefix("torch."),
-        device=dev.type,
-        batch_size=batch_size,
+        dtype=str(job.torch_dtype).removeprefix("torch."),
+        device=job.dev.type,
+        batch_size=job.batch_size,
         max_window=max_window,
-        remove_attention=sorted(removed),
+        remove_attention=sorted(job.removed),
     )
-    analysis = build_analysis(identity, calibration, settings, m)
-    seconds = time.perf_counter() - started
+    return calibration, settings
+
+
+def _measure_in_memory(
+    job: _Job,
+    model: str,
+    calibrate: Callable[[Any], torch.Tensor],
+    show_progress: bool,
+    progress_total: int,
+    say: Callable[[str], None],
+) -> tuple[Measurements, ModelIdentity, torch.Tensor, float]:
+    """Load the whole model onto the device as DeciLM and measure it; the tokens, and the measuring time alone."""
+    from ffnfusion.surgery import fuse_model
+
+    dev = job.dev
+    say(f"loading {model} ({str(job.torch_dtype).removeprefix('torch.')}, {dev})")
+    hf_model = load_model(job.source, job.torch_dtype, dev)
+    tokens = calibrate(hf_model)
+    decilm = fuse_model(hf_model, Plan())
+    del hf_model
+    identity = model_identity(model, job.decilm_config, model_fingerprint(decilm))
+    measure_started = time.perf_counter()
+    with progress_bar(show_progress, progress_total, "analyzing") as tick:
+        m = measure(decilm, tokens, job.removed, job.batch_size, tick, job.dp)
+    del decilm
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return m, identity, tokens, time.perf_counter() - measure_started
+
+
+def _write(job: _Job, analysis: Analysis, seconds: float, measure_seconds: float, overwrite: bool) -> None:
+    """analysis.json, the heatmaps and run.json, written by the main process only."""
+    dp, out = job.dp, job.out
     if dp is not None and not dp.is_main:
         dp.barrier()  # the main process writes the output
         stream_progress_path(out, dp).unlink(missing_ok=True)
-        return AnalyzeResult(analysis, out, seconds, measure_seconds, device_name(dev))
-    with atomic_output_dir(out, "analyze", inputs, overwrite) as tmp:
+        return
+    with atomic_output_dir(out, "analyze", job.inputs, overwrite) as tmp:
         analysis.save(tmp / "analysis.json")
         write_figures(analysis, tmp)
         # Timing lives beside analysis.json, not in it, so the same inputs give a byte-identical analysis.json.
         run_info = {
             "seconds": round(seconds, 2),
             "measure_seconds": round(measure_seconds, 2),
-            "device": device_name(dev),
+            "device": device_name(job.dev),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "host": platform.node(),
@@ -351,74 +338,3 @@ def analyze(
     if dp is not None:
         dp.barrier()
     stream_progress_path(out, dp).unlink(missing_ok=True)
-    return AnalyzeResult(analysis, out, seconds, measure_seconds, device_name(dev))
-
-
-def stream_progress_path(out: Path, dp: DataParallel | None = None) -> Path:
-    """Where a streamed analysis keeps its sums between passes (beside `out`, removed once `out` is written)."""
-    out = Path(out).resolve()
-    rank = f".rank{dp.rank}" if dp is not None else ""
-    return out.parent / f".{out.name}.stream-progress{rank}.pt"
-
-
-def _measure_streamed(
-    source: ModelSource,
-    spec: str,
-    out: Path,
-    decilm_config: dict[str, Any],
-    calibrate: Callable[[Any], torch.Tensor],
-    removed: set[int],
-    dev: torch.device,
-    torch_dtype: torch.dtype,
-    batch_size: int,
-    activations: str,
-    stream_samples: int | None,
-    show_progress: bool,
-    progress_total: int,
-    say: Callable[[str], None],
-    dp: DataParallel | None = None,
-) -> tuple[Measurements, ModelIdentity, torch.Tensor, float]:
-    """The streamed counterpart of load + calibrate + measure: no step holds more than one layer on the device.
-
-    The sums are saved after every pass over the weights beside `out`; running the same command again after a crash
-    resumes at the next pass.
-    """
-    from ffnfusion.analyze.streamed import LayerLoader, PassProgress, measure_streamed, plan_streaming
-
-    num_layers = len(decilm_config["block_configs"])
-    if source.gguf_file:
-        say(
-            "note: a .gguf is dequantised whole into host memory before streaming; a safetensors folder is read "
-            "one tensor at a time"
-        )
-    get = source.tensor_getter(pin_memory=dev.type == "cuda")
-    loader = LayerLoader(decilm_config, get, torch_dtype, dev)
-    # Sampling text (--data self) needs whole forward passes: the model is spread over the devices for that.
-    with dispatched_loader(source, torch_dtype, say) as load:
-        tokens = calibrate(load)
-    seq_len = tokens.shape[1]
-    samples = dp.my_tokens(tokens, batch_size).shape[0] if dp is not None else tokens.shape[0]
-    stream_plan = plan_streaming(loader, samples, seq_len, batch_size, removed, activations, stream_samples)
-    fingerprint = getter_fingerprint(get, num_layers, torch_dtype)
-    identity = model_identity(spec, decilm_config, fingerprint)
-    say(stream_plan.describe())
-    started = time.perf_counter()
-    run_key = {
-        "model": identity.config_hash,
-        "weights": fingerprint,
-        "tokens": hashlib.sha256(tokens.numpy().astype("<i8").tobytes()).hexdigest(),
-        "removed": sorted(removed),
-        "dtype": str(torch_dtype),
-        "device": dev.type,
-        "batch_size": batch_size,
-        "samples_per_pass": stream_plan.samples_per_pass,
-        "process": [dp.rank, dp.world] if dp is not None else None,
-    }
-    key = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
-    progress = PassProgress(stream_progress_path(out, dp), key)
-    progress.path.parent.mkdir(parents=True, exist_ok=True)
-    with _progress(show_progress, progress_total, "analyzing (streamed)") as tick:
-        m = measure_streamed(loader, tokens, removed, batch_size, stream_plan, tick, progress, say, dp)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return m, identity, tokens, time.perf_counter() - started

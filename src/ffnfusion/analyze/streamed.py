@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,98 +24,15 @@ import torch
 from ffnfusion.analyze.attention import base_totals
 from ffnfusion.analyze.data_parallel import DataParallel
 from ffnfusion.analyze.dependency import block_contribution
+from ffnfusion.analyze.layers import LayerLoader
 from ffnfusion.analyze.measure import finish_measurements, new_sums
 from ffnfusion.analyze.runner import SubBlockRunner, next_token_targets
 from ffnfusion.analyze.stats import cos_distance_sum, sub_block_stats_sums
-from ffnfusion.formats.plan import Plan, plan_blocks
-from ffnfusion.surgery import TensorGetter, block_tensors
 
 # Device memory left free for the working set of one batch: a layer's temporaries, logits chunks, teacher probs.
 _DEVICE_RESERVE = 0.25
 # Share of the host's available memory the activations may take when they live there.
 _HOST_SHARE = 0.5
-
-
-class LayerLoader:
-    """One DeciLM module at a time, materialised on `device` in `dtype` from the original checkpoint's tensors.
-
-    The model object is a skeleton on the meta device; `load_layer` fills a layer's parameters and `release_layer`
-    returns them to meta, so at most one layer (plus the one being read ahead on the host) holds real memory.
-    """
-
-    def __init__(self, decilm_config: dict[str, Any], get: TensorGetter, dtype: torch.dtype, device: torch.device):
-        from ffnfusion.modeling.modeling_decilm import DeciLMConfig, DeciLMForCausalLM
-
-        self.config = decilm_config
-        self.get = get
-        self.dtype = dtype
-        self.device = device
-        self.num_layers = len(decilm_config["block_configs"])
-        with torch.device("meta"):
-            self.model = DeciLMForCausalLM(DeciLMConfig(**decilm_config))
-        self.model.eval()
-        # Built on the device and never cast: RoPE frequencies stay float32, as in `fuse_model`.
-        self.model.model.rotary_emb = type(self.model.model.rotary_emb)(self.model.config).to(device)
-        self._blocks = plan_blocks(Plan(), self.num_layers)
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._ahead: dict[int | str, Any] = {}
-
-    def layer_bytes(self, j: int) -> int:
-        """Bytes of layer j's weights in the analysis dtype (from the config: nothing is read)."""
-        layer = self.model.model.layers[j]
-        return sum(p.numel() for p in layer.parameters()) * self.dtype.itemsize
-
-    def _host(self, t: torch.Tensor) -> torch.Tensor:
-        # Cast on the host while the device works on the previous layer; pinned so the copy can run asynchronously.
-        t = t.to(self.dtype)
-        return t.pin_memory() if self.device.type == "cuda" and not t.is_pinned() else t
-
-    def _read(self, part: int | str) -> dict[str, torch.Tensor]:
-        if part == "head":
-            tied = self.config.get("tie_word_embeddings")
-            names = {"norm": "model.norm.weight", "lm_head": "model.embed_tokens.weight" if tied else "lm_head.weight"}
-            return {key: self._host(self.get(name)) for key, name in names.items()}
-        prefix = f"model.layers.{part}."
-        return {
-            name.removeprefix(prefix): self._host(t)
-            for name, t in block_tensors(self.config, self._blocks[part], part, self.get)
-        }
-
-    def read_ahead(self, part: int | str) -> None:
-        """Start reading layer `part` (or "head") from disk in the background."""
-        if part not in self._ahead and (part == "head" or 0 <= part < self.num_layers):
-            self._ahead[part] = self._pool.submit(self._read, part)
-
-    def _take(self, part: int | str) -> dict[str, torch.Tensor]:
-        self.read_ahead(part)
-        tensors = self._ahead.pop(part).result()
-        return {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
-
-    def load_layer(self, j: int) -> None:
-        tensors = self._take(j)
-        self.read_ahead(j + 1 if j + 1 < self.num_layers else "head")
-        self.model.model.layers[j].load_state_dict(tensors, strict=True, assign=True)
-
-    def release_layer(self, j: int) -> None:
-        self.model.model.layers[j].to("meta")
-
-    def load_embeddings(self) -> None:
-        weight = self.get("model.embed_tokens.weight").to(self.dtype).to(self.device)
-        self.model.model.embed_tokens.load_state_dict({"weight": weight}, strict=True, assign=True)
-
-    def load_head(self) -> None:
-        tensors = self._take("head")
-        self.model.model.norm.load_state_dict({"weight": tensors["norm"]}, strict=True, assign=True)
-        self.model.lm_head.load_state_dict({"weight": tensors["lm_head"]}, strict=True, assign=True)
-
-    def release(self) -> None:
-        """Everything but the layers back to meta (the embeddings and head are loaded one phase at a time)."""
-        for module in (self.model.model.embed_tokens, self.model.model.norm, self.model.lm_head):
-            module.to("meta")
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._ahead.clear()
 
 
 class ActivationStore:
@@ -302,25 +218,7 @@ def measure_streamed(
                 continue
             chunk = list(_batches(tokens[first : first + plan.samples_per_pass], batch_size))
             batches += len(chunk)
-            loader.read_ahead(0)
-            loader.load_embeddings()
-            pe = None
-            for b, ids in enumerate(chunk):
-                x, pe = runner.embed(ids.to(device))
-                store.put(("base", b), x)
-                if removed:
-                    store.put(("teacher", b), x)
-            loader.release()
-            for j in range(n):
-                loader.load_layer(j)
-                for b in range(len(chunk)):
-                    _advance(runner, store, b, j, pe, removed, candidates, sums, matrices)
-                loader.release_layer(j)
-            loader.load_head()
-            for b, ids in enumerate(chunk):
-                _finish(runner, store, b, ids.to(device), removed, candidates, sums)
-            loader.release()
-            store.clear()
+            _stream_pass(loader, runner, store, chunk, removed, candidates, sums, matrices)
             if progress is not None and index + 1 < passes:
                 progress.save(
                     {
@@ -334,6 +232,39 @@ def measure_streamed(
     finally:
         loader.close()
     return finish_measurements(sums, all_tokens, candidates, runner.counter, batches, dp)
+
+
+def _stream_pass(
+    loader: LayerLoader,
+    runner: SubBlockRunner,
+    store: ActivationStore,
+    chunk: list[torch.Tensor],
+    removed: set[int],
+    candidates: list[int],
+    sums: dict[str, torch.Tensor],
+    matrices: bool,
+) -> None:
+    """One pass over the weights for the batches in `chunk`: embeddings, every layer in turn, the LM head."""
+    device = loader.device
+    loader.read_ahead(0)
+    loader.load_embeddings()
+    pe = None
+    for b, ids in enumerate(chunk):
+        x, pe = runner.embed(ids.to(device))
+        store.put(("base", b), x)
+        if removed:
+            store.put(("teacher", b), x)
+    loader.release()
+    for j in range(runner.num_layers):
+        loader.load_layer(j)
+        for b in range(len(chunk)):
+            _advance(runner, store, b, j, pe, removed, candidates, sums, matrices)
+        loader.release_layer(j)
+    loader.load_head()
+    for b, ids in enumerate(chunk):
+        _finish(runner, store, b, ids.to(device), removed, candidates, sums)
+    loader.release()
+    store.clear()
 
 
 def _advance(

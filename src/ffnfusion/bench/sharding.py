@@ -15,13 +15,16 @@ all-gather.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
@@ -137,3 +140,43 @@ def init_random_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Modul
         else:
             local.normal_(0.0, std, generator=gen)
     return model
+
+
+@contextlib.contextmanager
+def process_group(tp: int, device: str | None = None) -> Iterator[tuple[DeviceMesh, torch.device]]:
+    """The torchrun-launched process group (joined, or created and torn down here) and this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp:
+        raise ValueError(
+            f"tensor parallelism over {tp} ranks needs {tp} processes, found WORLD_SIZE={world}: launch with "
+            f"`torchrun --nproc-per-node {tp} ...`"
+        )
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    created = not dist.is_initialized()
+    if created:
+        backend = "nccl" if kind == "cuda" else "gloo"
+        device_id = dev if kind == "cuda" else None
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, device_id=device_id)
+        else:
+            # A plain single process (no torchrun): a private one-rank group.
+            init = f"tcp://127.0.0.1:{_free_port()}"
+            dist.init_process_group(backend, init_method=init, rank=0, world_size=1, device_id=device_id)
+    try:
+        yield init_device_mesh(kind, (tp,)), dev
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

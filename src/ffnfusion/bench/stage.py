@@ -21,121 +21,17 @@ from typing import Any
 import torch
 
 from ffnfusion.bench.engine import DecodeEngine
+from ffnfusion.bench.settings import BenchSettings
+from ffnfusion.bench.table import comparison
 from ffnfusion.bench.timing import compare_tokens, copy_bandwidth, eager_reference, ffn_group_probe
+from ffnfusion.bench.variants import Variant, check_model_and_plan, variants
 from ffnfusion.formats.bench import BENCH_FORMAT, BENCH_VERSION, is_bench_file
 from ffnfusion.formats.plan import Plan
+from ffnfusion.formats.settings import settings_from
 from ffnfusion.io.device import parse_dtype
 from ffnfusion.io.output import Input, check_output_file, write_atomic
 
 Log = Callable[[str], None]
-
-
-
-
-# ----------------------------------------------------------------------------------------------- models
-@dataclass
-class Variant:
-    """A model to benchmark: the DeciLM model the engine runs, and what eager `generate` runs for reference."""
-
-    name: str
-    source: str
-    engine_model: torch.nn.Module
-    reference_model: torch.nn.Module
-    tokenizer: Any = None
-
-
-def _decilm(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
-    from ffnfusion.modeling.modeling_decilm import DeciLMForCausalLM
-    from ffnfusion.surgery import fuse_model
-
-    if isinstance(model, DeciLMForCausalLM):
-        if not plan.is_empty:
-            raise ValueError("the model is already fused; plans index the ORIGINAL model's layers")
-        return model
-    return fuse_model(model, plan)
-
-
-def _check_model_and_plan(model: str, compare: Sequence[str], plan: Plan | None, where: str, force: bool) -> None:
-    """Before any model is loaded: every model readable, and a plan that fits MODEL (unless `force`)."""
-    from ffnfusion.adapters import adapter_for
-    from ffnfusion.formats.analysis import config_hash
-    from ffnfusion.formats.plan import check_plan_model, validate_plan
-    from ffnfusion.io.source import resolve_model
-
-    for other in compare:
-        resolve_model(other)
-    source = resolve_model(model)
-    if plan is None or plan.is_empty or source.is_fused_checkpoint:
-        return
-    hf_config = source.config()
-    base = adapter_for(hf_config).decilm_config(hf_config)
-    num_layers = len(base["block_configs"])
-    if not force:
-        check_plan_model(plan, model, num_layers, config_hash(base), where)
-    validate_plan(plan, num_layers)
-
-
-def _variants(
-    model: str | None,
-    compare: list[str],
-    plan: Plan | None,
-    random_weights: bool,
-    shape: str | None,
-    layers: int | None,
-    dtype: torch.dtype,
-    device: torch.device,
-    seed: int,
-) -> Iterator[Callable[[], Variant]]:
-    """Builders, so that only one model (plus its reference) is on the device at a time."""
-    if random_weights:
-        from ffnfusion.bench.shapes import random_model
-
-        if not shape:
-            raise ValueError("--random-weights needs --shape NAME")
-        label = shape + (f" ({layers} layers)" if layers else "")
-
-        def build_random(p: Plan, name: str) -> Variant:
-            hf = random_model(shape, layers, dtype, device, seed)
-            m = _decilm(hf, p)
-            del hf
-            return Variant(name, f"random {label}", m, m)
-
-        yield lambda: build_random(Plan(), "original")
-        if plan is not None and not plan.is_empty:
-            yield lambda: build_random(plan, "fused")
-    elif model is not None:
-        from ffnfusion.io.source import load_model, resolve_model
-
-        source = resolve_model(model)
-        loaded: dict[str, Any] = {}
-
-        def original() -> torch.nn.Module:
-            if "model" not in loaded:
-                loaded["model"] = load_model(source, dtype, device)
-                loaded["tokenizer"] = source.tokenizer()
-            return loaded["model"]
-
-        yield lambda: Variant("original", model, _decilm(original(), Plan()), original(), loaded.get("tokenizer"))
-        if plan is not None and not plan.is_empty:
-
-            def fused() -> Variant:
-                m = _decilm(original(), plan)
-                return Variant("fused", f"{model} + plan", m, m, loaded.get("tokenizer"))
-
-            yield fused
-        loaded.clear()
-    elif plan is not None and not plan.is_empty:
-        raise ValueError("--plan needs MODEL or --random-weights --shape NAME")
-    for other in compare:
-
-        def build_other(other: str = other) -> Variant:
-            from ffnfusion.io.source import load_model, resolve_model
-
-            src = resolve_model(other)
-            m = load_model(src, dtype, device)
-            return Variant(other, other, _decilm(m, Plan()), m, src.tokenizer())
-
-        yield build_other
 
 
 def make_prompts(
@@ -237,45 +133,63 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def bench(
     model: str | None = None,
+    settings: BenchSettings | None = None,
+    *,
     compare: list[str] | tuple[str, ...] = (),
     plan: Plan | str | Path | None = None,
-    batch_sizes: tuple[int, ...] | list[int] = (1, 8, 32),
-    prompt_len: int = 512,
-    new_tokens: int = 128,
     out: str | Path | None = None,
-    dtype: str | torch.dtype = "bfloat16",
-    device: str | None = None,
-    random_weights: bool = False,
-    shape: str | None = None,
-    layers: int | None = None,
-    reference_tokens: int = 32,
-    repeats: int = 3,
-    kernels: str = "auto",
-    graphs: bool | None = None,
-    ffn_probe: int = 0,
-    prompt_file: str | Path | None = None,
-    seed: int = 0,
     command: str | None = None,
     log: Log | None = None,
     force_plan: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Benchmark MODEL (and its fused version under `plan`, and every `compare` model) in one engine.
 
-    Returns the bench.json content; writes it to `out` atomically when given.
+    `settings`, or BenchSettings' fields as keyword `options` (`dtype` may also be a torch.dtype). Returns the
+    bench.json content; writes it to `out` atomically when given.
     """
+    if isinstance(options.get("dtype"), torch.dtype):
+        options["dtype"] = str(options["dtype"]).removeprefix("torch.")
+    s = settings_from(BenchSettings, settings, options)
     log = log or (lambda _msg: None)
     if out is not None:
         inputs = [("input model", m) for m in (model, *compare)]
-        inputs += [("plan", None if isinstance(plan, Plan) else plan), ("prompt file", prompt_file)]
+        inputs += [("plan", None if isinstance(plan, Plan) else plan), ("prompt file", s.prompt_file)]
         check_bench_output(out, inputs)
-    if prompt_len < 1 or new_tokens < 1 or repeats < 1 or not batch_sizes:
+    dev, torch_dtype, plan, text = _check_inputs(model, compare, plan, s, force_plan)
+    copy_bw = copy_bandwidth(dev) if dev.type == "cuda" else None
+    run = _Run(s, text, copy_bw)
+    result = _result_header(command, dev, torch_dtype, run, plan)
+    if dev.type == "cuda":
+        result["copy_bandwidth_GBps"] = copy_bw / 1e9
+        log(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
+    for build in variants(model, list(compare), plan, s.random_weights, s.shape, s.layers, torch_dtype, dev, s.seed):
+        with _fresh_memory(dev):
+            variant = build()
+            result["models"].append(_bench_variant(variant, run, dev, log))
+            if s.ffn_probe and dev.type == "cuda" and not result.get("ffn_probe"):
+                config = variant.engine_model.config
+                result["ffn_probe"] = _ffn_probe(config, s.ffn_probe, torch_dtype, dev, copy_bw, log)
+            del variant
+    result["comparison"] = comparison(result["models"])
+    if out is not None:
+        write_json_atomic(Path(out), result)
+    return result
+
+
+def _check_inputs(
+    model: str | None, compare: Sequence[str], plan: Plan | str | Path | None, s: BenchSettings, force_plan: bool
+) -> tuple[torch.device, torch.dtype, Plan | None, str | None]:
+    """Everything checked before a model is loaded; the device, dtype, loaded plan and prompt text."""
+    random_weights, prompt_file = s.random_weights, s.prompt_file
+    if s.prompt_len < 1 or s.new_tokens < 1 or s.repeats < 1 or not s.batch_sizes:
         raise ValueError("prompt length, new tokens, repeats and batch sizes must be positive")
     if model is None and not random_weights and not compare:
         raise ValueError("give MODEL, --compare models, or --random-weights --shape NAME")
     if model is not None and random_weights:
         raise ValueError("--random-weights builds the model from --shape; do not pass MODEL as well")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = parse_dtype(dtype)
+    dev = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = parse_dtype(s.dtype)
     plan_name = "the plan" if plan is None or isinstance(plan, Plan) else f"plan file {plan}"
     if isinstance(plan, str | Path):
         plan = Plan.load(plan)
@@ -283,9 +197,24 @@ def bench(
         what = "a directory" if Path(prompt_file).is_dir() else "not found"
         raise ValueError(f"--prompt-file {prompt_file} is {what}: give a text file to cut prompts from.")
     if model is not None and not random_weights:
-        _check_model_and_plan(model, compare, plan, plan_name, force_plan)
+        check_model_and_plan(model, compare, plan, plan_name, force_plan)
     text = Path(prompt_file).read_text(errors="replace") if prompt_file else None
+    return dev, torch_dtype, plan, text
 
+
+@dataclass
+class _Run:
+    """How every model is measured: the settings, the prompt text and the copy bandwidth of this device."""
+
+    s: BenchSettings
+    text: str | None
+    copy_bw: float | None
+
+
+def _result_header(
+    command: str | None, dev: torch.device, torch_dtype: torch.dtype, run: _Run, plan: Plan | None
+) -> dict[str, Any]:
+    """bench.json before any model is measured: where and how it is measured."""
     result: dict[str, Any] = {
         "format": BENCH_FORMAT,
         "version": BENCH_VERSION,
@@ -294,132 +223,67 @@ def bench(
         **_device_info(dev),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "settings": {
-            "batch_sizes": list(batch_sizes),
-            "prompt_len": prompt_len,
-            "new_tokens": new_tokens,
-            "repeats": repeats,
-            "reference_tokens": reference_tokens,
+            "batch_sizes": list(run.s.batch_sizes),
+            "prompt_len": run.s.prompt_len,
+            "new_tokens": run.s.new_tokens,
+            "repeats": run.s.repeats,
+            "reference_tokens": run.s.reference_tokens,
             "timing": "CUDA events around each graph replay after a warm-up generation; medians"
             if dev.type == "cuda"
             else "host clock (no CUDA device); medians",
-            "prompts": "prompt file windows" if text else f"random token ids (seed {seed})",
+            "prompts": "prompt file windows" if run.text else f"random token ids (seed {run.s.seed})",
         },
         "models": [],
     }
     if plan is not None:
         result["plan"] = plan.model_dump(exclude_defaults=True)
-    copy_bw = None
-    if dev.type == "cuda":
-        copy_bw = copy_bandwidth(dev)
-        result["copy_bandwidth_GBps"] = copy_bw / 1e9
-        log(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
-
-    for build in _variants(model, list(compare), plan, random_weights, shape, layers, torch_dtype, dev, seed):
-        with _fresh_memory(dev):
-            variant = build()
-            config = variant.engine_model.config
-            probe = DecodeEngine(variant.engine_model, 1, 4, kernels="torch", use_graphs=False)
-            entry: dict[str, Any] = {
-                "name": variant.name,
-                "source": variant.source,
-                "layers": len(config.block_configs),
-                "sequential_sub_blocks": probe.sequential_sub_blocks,
-                "parameters": sum(p.numel() for p in {id(p): p for p in variant.engine_model.parameters()}.values()),
-                "weight_bytes_per_step": probe.weight_bytes_per_step(),
-                "runs": [],
-            }
-            del probe
-            log(f"{variant.name}: {entry['layers']} blocks, {entry['sequential_sub_blocks']} sequential sub-blocks")
-            for batch in batch_sizes:
-                ids = make_prompts(config.vocab_size, batch, prompt_len, seed, variant.tokenizer, text).to(dev)
-                row = measure_batch(variant, ids, new_tokens, repeats, reference_tokens, kernels, graphs, copy_bw)
-                entry["runs"].append(row)
-                log(
-                    f"  batch {batch}: prefill {row['prefill_ms']:.2f} ms, decode "
-                    f"{row.get('decode_ms_per_token', float('nan')):.3f} ms/token"
-                    + (f", greedy match {row['greedy_match']}" if "greedy_match" in row else "")
-                )
-            if ffn_probe and dev.type == "cuda" and not result.get("ffn_probe"):
-                block = next(b for b in config.block_configs if not b["ffn"].get("no_op"))
-                from ffnfusion.modeling.modeling_decilm import block_ffn_width
-
-                width = block_ffn_width(block, config.hidden_size)
-                result["ffn_probe"] = ffn_group_probe(
-                    config.hidden_size, width, ffn_probe, torch_dtype, dev, 1, copy_bw
-                )
-                p = result["ffn_probe"]
-                log(f"FFN probe: {ffn_probe} in sequence {p['sequential_ms']:.3f} ms, fused {p['fused_ms']:.3f} ms")
-            result["models"].append(entry)
-            del variant
-    result["comparison"] = _comparison(result["models"])
-    if out is not None:
-        write_json_atomic(Path(out), result)
     return result
 
 
-def _comparison(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every model against the first one (the original), batch by batch."""
-    if len(models) < 2:
-        return []
-    base = models[0]
-    rows = []
-    for other in models[1:]:
-        for b_run, o_run in zip(base["runs"], other["runs"]):
-            row: dict[str, Any] = {
-                "model": other["name"],
-                "baseline": base["name"],
-                "batch": b_run["batch"],
-                "sub_block_ratio": base["sequential_sub_blocks"] / other["sequential_sub_blocks"],
-                "prefill_speedup": b_run["prefill_ms"] / o_run["prefill_ms"],
-            }
-            if "decode_ms_per_token" in b_run and "decode_ms_per_token" in o_run:
-                row["decode_speedup"] = b_run["decode_ms_per_token"] / o_run["decode_ms_per_token"]
-                row["decode_speedup_over_ratio"] = row["decode_speedup"] / row["sub_block_ratio"]
-            rows.append(row)
-    return rows
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    """bench.json as a Markdown table: one row per model and batch size, the first model as the baseline."""
-
-    def fmt(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
-    speedups = {(c["model"], c["batch"]): c for c in result.get("comparison", [])}
-    lines = [
-        "| model | sub-blocks | batch | prefill ms | decode ms/token | tokens/s | x floor | decode speedup "
-        "| eager ms/token | greedy = eager | peak GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
-    ]
-    for m in result["models"]:
-        for r in m["runs"]:
-            c = speedups.get((m["name"], r["batch"]), {})
-            speed = "1 (baseline)" if not c else f"{c.get('decode_speedup', 0):.2f} (ratio {c['sub_block_ratio']:.2f})"
-            match = "-"
-            if r.get("greedy_match"):
-                match = f"yes ({r['tokens_compared']} tokens)"
-            elif "greedy_match" in r:
-                match = f"differs from token {r['first_mismatch']['step'] + 1}"
-            peak = r.get("peak_memory_bytes")
-            lines.append(
-                f"| {m['name']} | {m['sequential_sub_blocks']} | {r['batch']} | {r['prefill_ms']:.2f} "
-                f"| {fmt(r.get('decode_ms_per_token'), '.3f')} | {fmt(r.get('decode_tokens_per_s'), ',.0f')} "
-                f"| {fmt(r.get('decode_over_floor'), '.2f')} | {speed} "
-                f"| {fmt(r.get('eager_decode_ms_per_token'), '.2f')} | {match} "
-                f"| {fmt(peak / 2**30 if peak else None, '.2f')} |"
-            )
-    if probe := result.get("ffn_probe"):
-        lines.append("")
-        lines.append(
-            f"FFN probe (batch {probe['batch']}, hidden {probe['hidden']}, width {probe['width']}): "
-            f"{probe['ffns']} FFNs in sequence {probe['sequential_ms']:.3f} ms, fused {probe['fused_ms']:.3f} ms, "
-            f"speedup {probe['speedup']:.2f}x"
-            + (f" (memory floor {probe['floor_ms']:.3f} ms)" if "floor_ms" in probe else "")
-            + (
-                f"; in sequence with separate gate/up GEMMs {probe['sequential_unpacked_ms']:.3f} ms "
-                f"({probe['speedup_over_unpacked']:.2f}x)"
-                if "sequential_unpacked_ms" in probe
-                else ""
-            )
+def _bench_variant(variant: Variant, run: _Run, dev: torch.device, log: Log) -> dict[str, Any]:
+    """One model's bench.json entry: its shape, then one row per batch size."""
+    config = variant.engine_model.config
+    probe = DecodeEngine(variant.engine_model, 1, 4, kernels="torch", use_graphs=False)
+    entry: dict[str, Any] = {
+        "name": variant.name,
+        "source": variant.source,
+        "layers": len(config.block_configs),
+        "sequential_sub_blocks": probe.sequential_sub_blocks,
+        "parameters": sum(p.numel() for p in {id(p): p for p in variant.engine_model.parameters()}.values()),
+        "weight_bytes_per_step": probe.weight_bytes_per_step(),
+        "runs": [],
+    }
+    del probe
+    log(f"{variant.name}: {entry['layers']} blocks, {entry['sequential_sub_blocks']} sequential sub-blocks")
+    for batch in run.s.batch_sizes:
+        ids = make_prompts(config.vocab_size, batch, run.s.prompt_len, run.s.seed, variant.tokenizer, run.text).to(dev)
+        row = measure_batch(
+            variant,
+            ids,
+            run.s.new_tokens,
+            run.s.repeats,
+            run.s.reference_tokens,
+            run.s.kernels,
+            run.s.graphs,
+            run.copy_bw,
         )
-    return "\n".join(lines)
+        entry["runs"].append(row)
+        log(
+            f"  batch {batch}: prefill {row['prefill_ms']:.2f} ms, decode "
+            f"{row.get('decode_ms_per_token', float('nan')):.3f} ms/token"
+            + (f", greedy match {row['greedy_match']}" if "greedy_match" in row else "")
+        )
+    return entry
+
+
+def _ffn_probe(
+    config: Any, ffns: int, torch_dtype: torch.dtype, dev: torch.device, copy_bw: float | None, log: Log
+) -> dict[str, Any]:
+    """Sequential against fused FFNs at the width of the model's first FFN (measured for the first model only)."""
+    from ffnfusion.modeling.modeling_decilm import block_ffn_width
+
+    block = next(b for b in config.block_configs if not b["ffn"].get("no_op"))
+    width = block_ffn_width(block, config.hidden_size)
+    p = ffn_group_probe(config.hidden_size, width, ffns, torch_dtype, dev, 1, copy_bw)
+    log(f"FFN probe: {ffns} in sequence {p['sequential_ms']:.3f} ms, fused {p['fused_ms']:.3f} ms")
+    return p

@@ -18,22 +18,27 @@ median. The environment is used as given: communication variables are recorded i
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from transformers import LlamaConfig
 
 from ffnfusion.adapters import adapter_for
-from ffnfusion.bench.sharding import count_collectives, expected_all_reduces, init_random_, shard_model
+from ffnfusion.bench.sharding import (
+    count_collectives,
+    expected_all_reduces,
+    init_random_,
+    process_group,
+    shard_model,
+)
 from ffnfusion.formats.plan import Plan, plan_blocks, sequential_sub_blocks
 from ffnfusion.modeling.modeling_decilm import DeciLMConfig, DeciLMForCausalLM, DeciLMRotaryEmbedding
 from ffnfusion.surgery import fused_config
@@ -223,46 +228,6 @@ def check_against_unsharded(model: DeciLMForCausalLM) -> float | None:
     return (sharded - next_token_logits(single(ids))).abs().max().item()
 
 
-@contextlib.contextmanager
-def process_group(tp: int, device: str | None = None) -> Iterator[tuple[DeviceMesh, torch.device]]:
-    """The torchrun-launched process group (joined, or created and torn down here) and this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp:
-        raise ValueError(
-            f"tensor parallelism over {tp} ranks needs {tp} processes, found WORLD_SIZE={world}: launch with "
-            f"`torchrun --nproc-per-node {tp} ...`"
-        )
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    created = not dist.is_initialized()
-    if created:
-        backend = "nccl" if kind == "cuda" else "gloo"
-        device_id = dev if kind == "cuda" else None
-        if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, device_id=device_id)
-        else:
-            # A plain single process (no torchrun): a private one-rank group.
-            init = f"tcp://127.0.0.1:{_free_port()}"
-            dist.init_process_group(backend, init_method=init, rank=0, world_size=1, device_id=device_id)
-    try:
-        yield init_device_mesh(kind, (tp,)), dev
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_tp(
     hf_config: LlamaConfig,
     plan: Plan,
@@ -312,36 +277,45 @@ def bench_tp(
             "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
             "models": [],
         }
+        runs = (batch_sizes, prompt_len, new_tokens, decode_steps, prefill_reps, use_graphs, seed)
         for name, p in (("original", Plan()), ("fused", plan)):
             model = build_model(decilm_config(hf_config, p), mesh, dev, dtype, seed)
-            entry: dict[str, Any] = {
-                "name": name,
-                "layers": len(model.model.layers),
-                "sequential_sub_blocks": sequential_sub_blocks(plan_blocks(p, num_layers)),
-                "expected_all_reduces_per_step": expected_all_reduces(model) if tp > 1 else 0,
-                "runs": [
-                    measure_batch(model, b, prompt_len, new_tokens, decode_steps, prefill_reps, use_graphs, seed)
-                    for b in batch_sizes
-                ],
-            }
-            if check:
-                entry["check_max_abs_diff"] = check_against_unsharded(model)
-            report["models"].append(entry)
+            report["models"].append(_tp_entry(name, model, p, num_layers, tp, runs, check))
             del model
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        original, fused = report["models"]
-        report["comparison"] = [
-            {
-                "batch": o["batch"],
-                "sub_block_ratio": original["sequential_sub_blocks"] / fused["sequential_sub_blocks"],
-                "prefill_speedup": o["prefill_ms"] / f["prefill_ms"],
-                "decode_speedup": o["decode_ms_per_token"] / f["decode_ms_per_token"],
-            }
-            for o, f in zip(original["runs"], fused["runs"])
-        ]
+        report["comparison"] = _tp_comparison(*report["models"])
     return report
+
+
+def _tp_entry(
+    name: str, model: DeciLMForCausalLM, plan: Plan, num_layers: int, tp: int, runs: tuple[Any, ...], check: bool
+) -> dict[str, Any]:
+    """One model's report entry: its collectives and one row per batch size (`runs`: measure_batch's settings)."""
+    batch_sizes, *settings = runs
+    entry: dict[str, Any] = {
+        "name": name,
+        "layers": len(model.model.layers),
+        "sequential_sub_blocks": sequential_sub_blocks(plan_blocks(plan, num_layers)),
+        "expected_all_reduces_per_step": expected_all_reduces(model) if tp > 1 else 0,
+        "runs": [measure_batch(model, b, *settings) for b in batch_sizes],
+    }
+    if check:
+        entry["check_max_abs_diff"] = check_against_unsharded(model)
+    return entry
+
+
+def _tp_comparison(original: dict[str, Any], fused: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "batch": o["batch"],
+            "sub_block_ratio": original["sequential_sub_blocks"] / fused["sequential_sub_blocks"],
+            "prefill_speedup": o["prefill_ms"] / f["prefill_ms"],
+            "decode_speedup": o["decode_ms_per_token"] / f["decode_ms_per_token"],
+        }
+        for o, f in zip(original["runs"], fused["runs"])
+    ]
 
 
 def markdown_table(report: dict[str, Any]) -> str:

@@ -81,6 +81,31 @@ def ffn_group_probe(
     `floor_ms` (weights over copy bandwidth) bounds every chain from below, so sequential_ms / floor_ms bounds
     the speedup fusion can give.
     """
+    chains = _probe_chains(hidden, width, k, dtype, device, batch, seed)
+    times = graph_time_ms(chains)
+    weight_bytes = 3 * k * hidden * width * dtype.itemsize
+    result = {
+        "ffns": k,
+        "hidden": hidden,
+        "width": width,
+        "batch": batch,
+        "sequential_ms": times["sequential"],
+        "fused_ms": times["fused"],
+        "speedup": times["sequential"] / times["fused"],
+        "sequential_unpacked_ms": times["sequential_unpacked"],
+        "speedup_over_unpacked": times["sequential_unpacked"] / times["fused"],
+        "weight_bytes": weight_bytes,
+    }
+    if copy_bw:
+        result["floor_ms"] = weight_bytes / copy_bw * 1e3
+        result["max_speedup_at_floor"] = times["sequential"] / result["floor_ms"]
+    return result
+
+
+def _probe_chains(
+    hidden: int, width: int, k: int, dtype: torch.dtype, device: torch.device, batch: int, seed: int
+) -> dict[str, Callable[[], None]]:
+    """ffn_group_probe's three decode steps over one set of seeded random weights."""
     ops = TritonOps(torch.cuda.get_device_properties(device).multi_processor_count)
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -115,24 +140,7 @@ def ffn_group_probe(
         h = ops.add_rmsnorm(x, delta, unit, eps)
         F.linear(ops.silu_mul(F.linear(h, fused_gate_up)), fused_down)
 
-    times = graph_time_ms({"sequential": sequential, "sequential_unpacked": sequential_unpacked, "fused": fused})
-    weight_bytes = 3 * k * hidden * width * dtype.itemsize
-    result = {
-        "ffns": k,
-        "hidden": hidden,
-        "width": width,
-        "batch": batch,
-        "sequential_ms": times["sequential"],
-        "fused_ms": times["fused"],
-        "speedup": times["sequential"] / times["fused"],
-        "sequential_unpacked_ms": times["sequential_unpacked"],
-        "speedup_over_unpacked": times["sequential_unpacked"] / times["fused"],
-        "weight_bytes": weight_bytes,
-    }
-    if copy_bw:
-        result["floor_ms"] = weight_bytes / copy_bw * 1e3
-        result["max_speedup_at_floor"] = times["sequential"] / result["floor_ms"]
-    return result
+    return {"sequential": sequential, "sequential_unpacked": sequential_unpacked, "fused": fused}
 
 
 def eager_generate(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:

@@ -4,49 +4,33 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from ffnfusion.analyze.settings import AnalyzeSettings
 from ffnfusion.cli.app import USER_ERRORS, check_plan_file, console, err_console, fail
+from ffnfusion.cli.options import CliForm, settings_options
 
 
+@settings_options(
+    # The command line names devices `auto` (the stage's None) and takes the layer list as text.
+    device=CliForm(type=str, default="auto"),
+    remove_attention=CliForm(type=str | None),
+    plan=CliForm(type=Path | None),
+)
 def analyze(
     model: Annotated[str, typer.Argument(help="original model: hub id, local folder, or .gguf file")],
     out: Annotated[Path, typer.Option(help="output folder: analysis.json and heatmap PNGs")],
-    data: Annotated[
-        str, typer.Option(help="calibration text: file, folder, .jsonl, .parquet, datasets name, or `self`")
-    ] = "self",
-    samples: Annotated[int, typer.Option(help="calibration sequences")] = 64,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
-    seed: Annotated[int, typer.Option(help="chooses the sequences (and seeds `self` sampling)")] = 0,
-    text_field: Annotated[str, typer.Option(help="text column of .jsonl/.parquet/datasets")] = "text",
-    remove_attention: Annotated[
-        str | None, typer.Option(help="measure with these attention sub-blocks removed, e.g. 12,13,20-23")
-    ] = None,
-    plan: Annotated[Path | None, typer.Option(help="measure with this plan's remove_attention applied")] = None,
-    max_window: Annotated[int, typer.Option(help="longest window (layers) of the window scores")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 where native), float32, bfloat16, float16")] = "auto",
-    batch_size: Annotated[int | None, typer.Option(help="sequences per batch (default: 16 on GPU, 8 on CPU)")] = None,
+    settings: AnalyzeSettings,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
-    stream: Annotated[
-        bool, typer.Option(help="load one layer at a time onto the device: for models larger than GPU or RAM")
-    ] = False,
-    activations: Annotated[
-        str, typer.Option(help="with --stream: where the activations between layers live (auto, device, cpu)")
-    ] = "auto",
-    stream_samples: Annotated[
-        int | None,
-        typer.Option(help="with --stream: sequences per pass over the weights (default: as many as memory holds)"),
-    ] = None,
 ) -> None:
     """Measure sub-block statistics, attention importance (KL) and FFN/block dependency matrices; draw heatmaps.
 
     Under `torchrun --nproc-per-node N` the calibration batches are split over N processes (one GPU each).
     """
-    check_plan_file(plan)
+    check_plan_file(settings.plan)
     from ffnfusion.analyze import analyze as run_analyze
 
     # Under torchrun every process runs this command; only the first one reports.
@@ -56,21 +40,8 @@ def analyze(
         result = run_analyze(
             model,
             out,
-            data=data,
-            samples=samples,
-            seq_len=seq_len,
-            seed=seed,
-            text_field=text_field,
-            remove_attention=remove_attention,
-            plan=plan,
-            max_window=max_window,
-            device=device,
-            dtype=dtype,
-            batch_size=batch_size,
+            settings,
             overwrite=overwrite,
-            stream=stream,
-            activations=activations,
-            stream_samples=stream_samples,
             show_progress=True,
             log=lambda msg: err_console.print(f"[dim]{msg}[/]") if main_process else None,
         )
@@ -78,6 +49,11 @@ def analyze(
         fail(e)
     if not main_process:
         return
+    print_analysis(result)
+
+
+def print_analysis(result: Any) -> None:
+    """Per-layer statistics, the safest removals and windows, what the analysis cost, and where it was written."""
     a = result.analysis
     n = a.num_layers
     shape = f"{n} layers, {a.calibration.samples} x {a.calibration.seq_len} tokens"

@@ -8,10 +8,22 @@ from typing import Annotated
 
 import typer
 
+from ffnfusion.bench.settings import BenchSettings
 from ffnfusion.cli.app import USER_ERRORS, check_plan_file, console, err_console, fail
+from ffnfusion.cli.options import CliForm, settings_options
 
 
+@settings_options(
+    # Comma-separated sizes; devices named `auto` (the stage's None); --graphs on means "on CUDA" (the stage's None).
+    batch_sizes=CliForm(
+        type=str, default="1,8,32", convert=lambda text: [int(b) for b in text.split(",") if b.strip()]
+    ),
+    device=CliForm(type=str, default="auto", convert=lambda device: None if device == "auto" else device),
+    graphs=CliForm(type=bool, default=True, convert=lambda on: None if on else False),
+    prompt_file=CliForm(type=Path | None),
+)
 def bench(
+    settings: BenchSettings,
     model: Annotated[
         str | None, typer.Argument(help="original model: hub id, folder, .gguf (omit with --random-weights)")
     ] = None,
@@ -24,30 +36,7 @@ def bench(
     force_plan: Annotated[
         bool, typer.Option(help="use a --plan that records another model (layer count or architecture differs)")
     ] = False,
-    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8,32",
-    prompt_len: Annotated[int, typer.Option(help="prompt tokens per sequence")] = 512,
-    new_tokens: Annotated[int, typer.Option(help="tokens generated per sequence")] = 128,
     out: Annotated[Path, typer.Option(help="bench.json to write")] = Path("bench.json"),
-    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    random_weights: Annotated[
-        bool, typer.Option(help="time a randomly initialised model of --shape (speed does not depend on weights)")
-    ] = False,
-    shape: Annotated[str | None, typer.Option(help="smollm2-135m, llama-3.2-1b, llama-3.1-8b or llama-3.1-70b")] = None,
-    layers: Annotated[int | None, typer.Option(help="keep only the first N layers of --shape")] = None,
-    reference_tokens: Annotated[
-        int, typer.Option(help="tokens of eager `generate` to time and to compare with the engine (0: skip)")
-    ] = 32,
-    repeats: Annotated[int, typer.Option(help="timed generations per batch size")] = 3,
-    kernels: Annotated[str, typer.Option(help="auto, triton or torch")] = "auto",
-    graphs: Annotated[bool, typer.Option(help="capture prefill and decode as CUDA graphs (CUDA only)")] = True,
-    ffn_probe: Annotated[
-        int, typer.Option(help="also time N FFNs of the model's shape in sequence vs fused into one (0: skip)")
-    ] = 0,
-    prompt_file: Annotated[
-        Path | None, typer.Option(help="text to cut prompts from (default: random token ids)")
-    ] = None,
-    seed: Annotated[int, typer.Option()] = 0,
     tp: Annotated[
         int,
         typer.Option(
@@ -59,68 +48,66 @@ def bench(
     """Latency and throughput of the original and fused models in one graph-captured static-cache engine."""
 
     check_plan_file(plan)
+    command = "ffnfusion " + " ".join(sys.argv[1:])
     if tp != 1:
-        from ffnfusion.bench.tensor_parallel import bench_tp_stage
-        from ffnfusion.bench.tensor_parallel import markdown_table as tp_table
-
-        try:
-            report = bench_tp_stage(
-                tp=tp,
-                model=model,
-                compare=compare or [],
-                plan=plan,
-                random_weights=random_weights,
-                shape=shape,
-                layers=layers,
-                batch_sizes=[int(b) for b in batch_sizes.split(",") if b.strip()],
-                prompt_len=prompt_len,
-                new_tokens=new_tokens,
-                repeats=repeats,
-                dtype=dtype,
-                device=None if device == "auto" else device,
-                graphs=None if graphs else False,
-                out=out,
-                command="ffnfusion " + " ".join(sys.argv[1:]),
-                seed=seed,
-            )
-        except USER_ERRORS as e:
-            fail(e)
-        if report is not None:
-            console.print(tp_table(report), markup=False, highlight=False, soft_wrap=True)
-            console.print(f"wrote {out}")
+        _bench_tp(tp, model, compare, plan, settings, out, command)
         return
 
     from ffnfusion.bench.stage import bench as run_bench
-    from ffnfusion.bench.stage import markdown_table
+    from ffnfusion.bench.table import markdown_table
 
     try:
-        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
-        dev = None if device == "auto" else device
         result = run_bench(
             model,
+            settings,
             compare=compare or [],
             plan=plan,
             force_plan=force_plan,
-            batch_sizes=sizes,
-            prompt_len=prompt_len,
-            new_tokens=new_tokens,
             out=out,
-            dtype=dtype,
-            device=dev,
-            random_weights=random_weights,
-            shape=shape,
-            layers=layers,
-            reference_tokens=reference_tokens,
-            repeats=repeats,
-            kernels=kernels,
-            graphs=None if graphs and (dev is None or dev.startswith("cuda")) else False,
-            ffn_probe=ffn_probe,
-            prompt_file=prompt_file,
-            seed=seed,
-            command="ffnfusion " + " ".join(sys.argv[1:]),
+            command=command,
             log=lambda msg: err_console.print(msg, markup=False, highlight=False),
         )
     except USER_ERRORS as e:
         fail(e)
     console.print(markdown_table(result), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out}")
+
+
+def _bench_tp(
+    tp: int,
+    model: str | None,
+    compare: list[str] | None,
+    plan: Path | None,
+    settings: BenchSettings,
+    out: Path,
+    command: str,
+) -> None:
+    """`--tp N`: the tensor-parallel path (random weights of a real shape, one process per rank)."""
+    from ffnfusion.bench.tensor_parallel import bench_tp_stage
+    from ffnfusion.bench.tensor_parallel import markdown_table as tp_table
+
+    try:
+        report = bench_tp_stage(
+            tp=tp,
+            model=model,
+            compare=compare or [],
+            plan=plan,
+            random_weights=settings.random_weights,
+            shape=settings.shape,
+            layers=settings.layers,
+            batch_sizes=settings.batch_sizes,
+            prompt_len=settings.prompt_len,
+            new_tokens=settings.new_tokens,
+            repeats=settings.repeats,
+            dtype=settings.dtype,
+            device=settings.device,
+            graphs=settings.graphs,
+            out=out,
+            command=command,
+            seed=settings.seed,
+        )
+    except USER_ERRORS as e:
+        fail(e)
+    if report is not None:
+        console.print(tp_table(report), markup=False, highlight=False, soft_wrap=True)
+        console.print(f"wrote {out}")

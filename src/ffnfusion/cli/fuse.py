@@ -9,20 +9,26 @@ import typer
 from rich.table import Table
 
 from ffnfusion.cli.app import USER_ERRORS, check_plan_file, console, fail
+from ffnfusion.cli.options import CliForm, settings_options
+from ffnfusion.fuse_settings import FuseSettings
 
 
+@settings_options(
+    # GiB on the command line, bytes in Python.
+    max_shard_bytes=CliForm(
+        name="max_shard_size_gb",
+        type=float,
+        default=5.0,
+        help="largest safetensors shard, in GiB",
+        convert=lambda gb: int(gb * 2**30),
+    ),
+)
 def fuse(
     model: Annotated[str, typer.Argument(help="original model: hub id, local folder, or .gguf file")],
     plan: Annotated[Path, typer.Option(help="plan.json (0-based layers of the original model)")],
     out: Annotated[Path, typer.Option(help="output folder for the fused checkpoint")],
+    settings: FuseSettings,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
-    dtype: Annotated[
-        str | None, typer.Option(help="cast weights: float32, bfloat16, float16 (default: as stored)")
-    ] = None,
-    allow_any_width: Annotated[
-        bool, typer.Option(help="allow fused FFN widths that vLLM/TensorRT-LLM/llama.cpp cannot read")
-    ] = False,
-    max_shard_size_gb: Annotated[float, typer.Option(help="largest safetensors shard, in GiB")] = 5.0,
     force_plan: Annotated[
         bool, typer.Option(help="apply a plan that records another model (layer count or architecture differs)")
     ] = False,
@@ -33,16 +39,7 @@ def fuse(
 
     try:
         with console.status(f"fusing {model}"):
-            summary = run_fuse(
-                model,
-                plan,
-                out,
-                overwrite=overwrite,
-                dtype=dtype,
-                allow_any_width=allow_any_width,
-                max_shard_bytes=int(max_shard_size_gb * 2**30),
-                force_plan=force_plan,
-            )
+            summary = run_fuse(model, plan, out, settings, overwrite=overwrite, force_plan=force_plan)
     except USER_ERRORS as e:
         fail(e)
     table = Table(title=f"fused checkpoint: {summary.out}")

@@ -27,10 +27,16 @@ def run_(
 
     try:
         status = run(
-            model, out, config=config, stop_after=stop_after,
+            model,
+            out,
+            config=config,
+            stop_after=stop_after,
             skip={s.strip() for s in skip.split(",") if s.strip()},
             log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
-            data=data, eval_data=eval_data, device=device, seed=seed,
+            data=data,
+            eval_data=eval_data,
+            device=device,
+            seed=seed,
         )
     except USER_ERRORS as e:
         fail(e)
@@ -42,6 +48,7 @@ def run_(
     console.print(table)
     if (out / "report.md").is_file():
         console.print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+
 
 def report(folder: Annotated[Path, typer.Argument(help="run folder holding the stage files")]) -> None:
     """Build report.md and a self-contained report.html from the stage files in FOLDER."""

@@ -10,38 +10,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from ffnfusion.cli.app import USER_ERRORS, console, err_console, fail
+from ffnfusion.cli.options import CliForm, settings_options
+from ffnfusion.plan.settings import PlanSettings
 
 
+@settings_options(costs=CliForm(type=Path | None))
 def plan_(
     analysis: Annotated[Path, typer.Argument(help="analysis.json (or the folder holding it) from `ffnfusion analyze`")],
     out: Annotated[Path, typer.Option(help="plan.json to write")],
-    remove_attention: Annotated[
-        int | None, typer.Option(help="budget: this many attention sub-blocks removed in all (lowest KL first)")
-    ] = None,
-    max_kl: Annotated[
-        float | None, typer.Option(help="budget: remove attention while the predicted KL stays <= this")
-    ] = None,
-    target_depth: Annotated[
-        int | None, typer.Option(help="remove attention until at most this many sub-blocks run in sequence")
-    ] = None,
-    max_group: Annotated[int, typer.Option(help="most FFNs in one fused group")] = 8,
-    fuse_last: Annotated[bool, typer.Option(help="also fuse the last FFN of each attention-free run")] = False,
-    max_dependency: Annotated[
-        float | None, typer.Option(help="never fuse two FFNs whose dependency M[i][j] exceeds this")
-    ] = None,
-    parallel_threshold: Annotated[
-        float | None, typer.Option(help="run intact layers as parallel blocks where block dependency <= this")
-    ] = None,
-    max_parallel: Annotated[int, typer.Option(help="most layers in one parallel block")] = 2,
-    costs: Annotated[
-        Path | None, typer.Option(help="measured costs, JSON: attention_ms, ffn_ms, overhead_ms, fixed_ms")
-    ] = None,
+    settings: PlanSettings,
     model: Annotated[
         str | None, typer.Option(help="check the analysis was made from this model (needed by --iterative if moved)")
     ] = None,
-    iterative: Annotated[
-        bool, typer.Option(help="re-score attention on the model after each removal (loads the model; slower)")
-    ] = False,
     data: Annotated[str | None, typer.Option(help="--iterative: calibration text (default: the analysis')")] = None,
     samples: Annotated[int | None, typer.Option(help="--iterative: sequences (default: the analysis')")] = None,
     seq_len: Annotated[int | None, typer.Option(help="--iterative: tokens per sequence")] = None,
@@ -51,20 +31,6 @@ def plan_(
     stream: Annotated[
         bool, typer.Option(help="--iterative: load one layer at a time onto the device (models larger than it)")
     ] = False,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help="with --target-depth: auto (the default there: lowest predicted KL), attention, fusion, parallel "
-            "or layer-drop"
-        ),
-    ] = None,
-    measure_recipes: Annotated[
-        bool,
-        typer.Option(
-            help="with --target-depth: measure every recipe's KL on the model (loads it once) instead of predicting it"
-        ),
-    ] = False,
-    max_pairs: Annotated[int, typer.Option(help="parallel recipe: try 1..this many parallel pairs")] = 4,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """Choose what to remove, fuse and parallelize under a budget; predict depth and latency; write plan.json.
@@ -72,80 +38,45 @@ def plan_(
     With --target-depth alone, the recipes (attention removal, + FFN fusion, + parallel pairs, plain layer
     dropping) are compared at that depth and the one with the lowest predicted KL is written.
     """
-    if stream and not iterative:
+    if stream and not settings.iterative:
         fail(ValueError("--stream applies to --iterative re-scoring (plan reads no weights otherwise)."))
-    compare = (
-        recipe is not None
-        or measure_recipes
-        or (target_depth is not None and remove_attention is None and max_kl is None)
-    )
-    if compare and (target_depth is None or remove_attention is not None or max_kl is not None):
-        fail(
-            ValueError(
-                "--recipe and --measure-recipes compare recipes at a --target-depth D; give --target-depth "
-                "without --remove-attention or --max-kl."
-            )
-        )
     from ffnfusion.analyze import load_analysis
     from ffnfusion.analyze.rescore import iterative_rescorer, recipe_measurer
     from ffnfusion.plan.costs import CostModel
-    from ffnfusion.plan.recipes import compare_recipes
-    from ffnfusion.plan.search import check_model, check_plan_output, search_plan, write_plan
+    from ffnfusion.plan.search import check_model, check_plan_output, write_plan
+    from ffnfusion.plan.stage import choose_plan
 
     try:
-        inputs = [("analysis", analysis), ("costs file", costs), ("input model", model), ("data", data)]
+        settings.check_recipes()
+        inputs = [("analysis", analysis), ("costs file", settings.costs), ("input model", model), ("data", data)]
         check_plan_output(out, inputs, overwrite=overwrite)
         a = load_analysis(analysis)
-        if model is not None and not iterative:
+        if model is not None and not settings.iterative:
             check_model(a, model)
-        cost_model = CostModel.load(costs, a) if costs is not None else None
+        cost_model = CostModel.load(settings.costs, a) if settings.costs is not None else None
         # What re-measuring on the model needs (--iterative, --measure-recipes): the analysis' settings by default.
         on_model = dict(
             model=model, data=data, samples=samples, seq_len=seq_len, device=device, dtype=dtype,
             batch_size=batch_size, log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
         )  # fmt: skip
-        rescore = iterative_rescorer(a, stream=stream, **on_model) if iterative else None
-        comparison = None
-        if compare:
-            measure = recipe_measurer(a, **on_model) if measure_recipes else None
-            comparison = compare_recipes(
-                a,
-                target_depth,
-                recipe=recipe or "auto",
-                max_group=max_group,
-                fuse_last=fuse_last,
-                max_dependency=max_dependency,
-                parallel_threshold=parallel_threshold,
-                max_pairs=max_pairs,
-                costs=cost_model,
-                rescore=rescore,
-                measure=measure,
-            )
-            result = comparison.result
-        else:
-            result = search_plan(
-                a,
-                remove_attention=remove_attention,
-                max_kl=max_kl,
-                max_group=max_group,
-                target_depth=target_depth,
-                fuse_last=fuse_last,
-                max_dependency=max_dependency,
-                parallel_threshold=parallel_threshold,
-                max_parallel=max_parallel,
-                costs=cost_model,
-                rescore=rescore,
-            )
+        rescore = iterative_rescorer(a, stream=stream, **on_model) if settings.iterative else None
+        measure = recipe_measurer(a, **on_model) if settings.measure_recipes else None
+        result, comparison = choose_plan(a, settings, cost_model, rescore, measure)
         write_plan(result.plan, out, overwrite=overwrite)
     except USER_ERRORS as e:
         fail(e)
     if comparison is not None:
-        console.print(recipe_table(comparison, target_depth))
+        console.print(recipe_table(comparison, settings.target_depth))
         for r in comparison.recipes:
             if r.note:
                 console.print(f"  {r.name}: {escape(r.note)}", highlight=False)
+    print_plan(result, a.model.name, out)
+
+
+def print_plan(result: Any, model_name: str, out: Path) -> None:
+    """The plan, its predicted KL, depth and latency, and the budgets it could not meet."""
     p, info = result.plan, result.plan.info
-    table = Table(title=f"plan for {a.model.name}: {out}")
+    table = Table(title=f"plan for {model_name}: {out}")
     table.add_column("")
     table.add_column("value")
     table.add_row("remove attention", str(p.remove_attention))

@@ -160,6 +160,41 @@ def _normalize(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 @torch.inference_mode()
+def _score_batch(
+    logits: _NextTokenLogits,
+    ref: _NextTokenLogits | None,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    n: int,
+    sums: torch.Tensor,
+) -> None:
+    """Add one batch's NLL, KL and top-1 agreements to `sums`, `_CHUNK_ELEMENTS` logits at a time."""
+    device = sums.device
+    where = mask.nonzero()  # (window, position) of each scored prediction, in the order of targets[mask]
+    scored_targets = targets[mask].to(device)
+    step = max(1, _CHUNK_ELEMENTS // logits.vocab)
+    for first in range(0, n, step):
+        rows, cols = where[first : first + step].unbind(1)
+        u, e, s = _normalize(logits(rows, cols).to(device))
+        del e
+        log_s = s.log()
+        # -log q(target) = log s - u[target]
+        sums[0] += (log_s - u.gather(1, scored_targets[first : first + step, None])[:, 0].double()).sum()
+        if ref is None:
+            continue
+        if ref is logits:
+            sums[2] += len(rows)  # KL 0, every top-1 agrees
+            continue
+        ref_u, ref_e, ref_s = _normalize(ref(rows, cols))
+        sums[2] += (ref_u.argmax(-1) == u.argmax(-1)).sum()
+        # KL(p || q) = sum_v p_v (log p_v - log q_v) = E_p[ref_u - u] - log s_p + log s_q, p = ref_e / s_p.
+        # The shifted logits are small where p is large; terms with p_v = 0 add nothing (even where
+        # log q_v = -inf, which would make 0 * inf = nan).
+        weighted = ref_u.sub_(u).masked_fill_(ref_e == 0, 0.0).mul_(ref_e)
+        sums[1] += (weighted.sum(-1).double() / ref_s - ref_s.log() + log_s).sum()
+        del weighted, ref_u, ref_e
+
+
 def score_windows(
     model: torch.nn.Module,
     reference: torch.nn.Module | None,
@@ -197,30 +232,7 @@ def score_windows(
                         f"model and reference have different vocabulary sizes ({logits.vocab} vs {ref.vocab}): "
                         "fidelity needs the same tokenizer."
                     )
-            where = mask.nonzero()  # (window, position) of each scored prediction, in the order of targets[mask]
-            scored_targets = targets[mask].to(device)
-            step = max(1, _CHUNK_ELEMENTS // logits.vocab)
-            for first in range(0, n, step):
-                rows, cols = where[first : first + step].unbind(1)
-                u, e, s = _normalize(logits(rows, cols).to(device))
-                del e
-                log_s = s.log()
-                # -log q(target) = log s - u[target]
-                sums[0] += (log_s - u.gather(1, scored_targets[first : first + step, None])[:, 0].double()).sum()
-                if ref is None:
-                    continue
-                if ref is logits:
-                    sums[2] += len(rows)  # KL 0, every top-1 agrees
-                    continue
-                ref_u, ref_e, ref_s = _normalize(ref(rows, cols))
-                sums[2] += (ref_u.argmax(-1) == u.argmax(-1)).sum()
-                # KL(p || q) = sum_v p_v (log p_v - log q_v) = E_p[ref_u - u] - log s_p + log s_q, p = ref_e / s_p.
-                # The shifted logits are small where p is large; terms with p_v = 0 add nothing (even where
-                # log q_v = -inf, which would make 0 * inf = nan).
-                weighted = ref_u.sub_(u).masked_fill_(ref_e == 0, 0.0).mul_(ref_e)
-                sums[1] += (weighted.sum(-1).double() / ref_s - ref_s.log() + log_s).sum()
-                del weighted, ref_u, ref_e
-            del u
+            _score_batch(logits, ref, mask, targets, n, sums)
             total_tokens += n
             bar.update(n)
             del logits, ref

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ from typing import Any
 import torch
 
 from ffnfusion.eval.scoring import EvalError, score_windows, sliding_windows
+from ffnfusion.eval.settings import EvalSettings
 from ffnfusion.eval.zero_shot import resolve_tasks, run_tasks, task_manager
 from ffnfusion.formats.eval import EVAL_FORMAT, EVAL_VERSION
+from ffnfusion.formats.settings import settings_from
 from ffnfusion.io.device import resolve_device
 from ffnfusion.io.output import Input, check_output_file, json_format_is, write_atomic
 
@@ -69,33 +72,73 @@ def check_eval_output(out: str | Path, inputs: Iterable[Input]) -> None:
 
 def evaluate(
     models: list[str],
+    settings: EvalSettings | None = None,
     *,
     reference: str | None = None,
-    data: str | None = None,
-    text_field: str = "text",
-    tasks: list[str] | None = None,
-    task_data_dir: str | Path | None = None,
-    limit: int | None = None,
-    context_len: int = 512,
-    stride: int | None = None,
-    max_tokens: int | None = None,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    device: str = "auto",
-    seed: int = 0,
     labels: list[str] | None = None,
     progress: bool = True,
     out: Path | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Evaluate each model on the same text and tasks; returns (and with `out`, writes) the eval.json content.
 
-    Perplexity needs `data`; fidelity needs `data` and `reference`; tasks run through lm-eval. Every input is
-    checked (models found, tokenizers consistent, tasks known, task files readable) before the first model loads.
+    `settings`, or EvalSettings' fields as keyword `options`. Perplexity needs `data`; fidelity needs `data` and
+    `reference`; tasks run through lm-eval. Every input is checked (models found, tokenizers consistent, tasks
+    known, task files readable) before the first model loads.
     """
-    from ffnfusion.data import load_texts, tokenize_stream
     from ffnfusion.io.device import parse_dtype
     from ffnfusion.io.source import load_model, resolve_model
 
+    s = settings_from(EvalSettings, settings, options)
+    data, tasks, task_data_dir, limit, max_tokens = s.data, s.tasks, s.task_data_dir, s.limit, s.max_tokens
+    context_len, stride, batch_size, seed = s.context_len, s.stride, s.batch_size, s.seed
+    _check_settings(models, data, tasks, reference, limit, max_tokens, context_len, stride)
+    torch_dtype = parse_dtype(s.dtype)
+    device = str(resolve_device(s.device))
+    names = _labels(models, labels)
+    sources = [resolve_model(m) for m in models]
+    ref_source = resolve_model(reference) if reference is not None else None
+    if out is not None:
+        check_eval_output(out, _inputs(sources, ref_source, data, task_data_dir))
+    task_list = resolve_tasks(tasks or [], task_data_dir)
+    manager = task_manager(task_list, task_data_dir) if task_list else None
+    ref_tok, tokenizers = _tokenizers(models, sources, ref_source, reference)
+    stream_for = _streams(data, s.text_field, ref_tok, max_tokens)
+
+    scoring = _Scoring(context_len, stride, batch_size, limit, seed, progress, task_list, manager)
+    ref_model = load_model(ref_source, torch_dtype, device) if ref_source is not None else None
+    rows = []
+    for spec, name, source, tok in zip(models, names, sources, tokenizers):
+        started = time.perf_counter()
+        model = ref_model if _same_model(source, ref_source) else load_model(source, torch_dtype, device)
+        torch.manual_seed(seed)
+        row = _row(name, spec, model)
+        _score(row, model, tok, ref_model, stream_for, scoring)
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        rows.append(row)
+        if model is not ref_model:
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    recorded = _settings(
+        data, context_len, stride, max_tokens, task_list, task_data_dir, limit, batch_size, torch_dtype, device, seed
+    )
+    result = _result(recorded, reference, rows)
+    if out is not None:
+        write_eval(result, out)
+    return result
+
+
+def _check_settings(
+    models: list[str],
+    data: str | None,
+    tasks: list[str] | None,
+    reference: str | None,
+    limit: int | None,
+    max_tokens: int | None,
+    context_len: int,
+    stride: int | None,
+) -> None:
     if not models:
         raise EvalError("name at least one model to evaluate.")
     if data is None and not tasks:
@@ -107,19 +150,11 @@ def evaluate(
     if max_tokens is not None and max_tokens < 2:
         raise EvalError(f"--max-tokens must be at least 2 (got {max_tokens}).")
     sliding_windows(max(context_len, 2), context_len, stride)  # validates context/stride before anything loads
-    torch_dtype = parse_dtype(dtype)
-    device = str(resolve_device(device))
-    names = _labels(models, labels)
-    sources = [resolve_model(m) for m in models]
-    ref_source = resolve_model(reference) if reference is not None else None
-    if out is not None:
-        inputs = [("model", s.input_path) for s in sources] + [("data", data), ("task data", task_data_dir)]
-        if ref_source is not None:
-            inputs.append(("model", ref_source.input_path))
-        check_eval_output(out, inputs)
-    task_list = resolve_tasks(tasks or [], task_data_dir)
-    manager = task_manager(task_list, task_data_dir) if task_list else None
 
+
+def _tokenizers(models: list[str], sources: list[Any], ref_source: Any, reference: str | None) -> tuple[Any, list[Any]]:
+    """(the reference's tokenizer, one per model): a model without one borrows the reference's; any other must
+    equal it, since fidelity compares distributions token by token."""
     ref_tok = ref_source.tokenizer() if ref_source else None
     if ref_source is not None and ref_tok is None:
         raise EvalError(f"the reference {reference} has no tokenizer.")
@@ -136,8 +171,18 @@ def evaluate(
                 "next-token distributions token by token, so both must use the same tokenizer."
             )
         tokenizers.append(tok)
+    return ref_tok, tokenizers
 
-    texts = load_texts(data, text_field) if data is not None else None
+
+def _streams(
+    data: str | None, text_field: str, ref_tok: Any, max_tokens: int | None
+) -> Callable[[Any], torch.Tensor] | None:
+    """tokenizer -> the evaluation text's token stream, tokenized once per distinct tokenizer; None without text."""
+    from ffnfusion.data import load_texts, tokenize_stream
+
+    if data is None:
+        return None
+    texts = load_texts(data, text_field)
     streams: dict[int, torch.Tensor] = {}
 
     def stream_for(tok: Any) -> torch.Tensor:
@@ -147,64 +192,103 @@ def evaluate(
             streams[key] = stream[:max_tokens] if max_tokens else stream
         return streams[key]
 
-    ref_model = load_model(ref_source, torch_dtype, device) if ref_source is not None else None
-    rows = []
-    for spec, name, source, tok in zip(models, names, sources, tokenizers):
-        started = time.perf_counter()
-        same_as_ref = (
-            ref_source is not None and source.folder == ref_source.folder and (source.gguf_file == ref_source.gguf_file)
-        )
-        model = ref_model if same_as_ref else load_model(source, torch_dtype, device)
-        torch.manual_seed(seed)
-        row: dict[str, Any] = {
-            "label": name,
-            "model": spec,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "perplexity": None,
-            "fidelity": None,
-            "tasks": {},
-        }
-        if texts is not None:
-            stream = stream_for(tok)
-            # One pass: the model (and the reference, batch by batch) run once per window for both measurements.
-            row["perplexity"], row["fidelity"] = score_windows(
-                model, ref_model, stream, context_len, stride, batch_size, progress
-            )
-        if task_list:
-            row["tasks"] = run_tasks(model, tok, task_list, manager, limit, batch_size, seed)
-        row["seconds"] = round(time.perf_counter() - started, 2)
-        rows.append(row)
-        if model is not ref_model:
-            del model
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+    return stream_for
 
-    result = {
+
+def _inputs(sources: list[Any], ref_source: Any, data: str | None, task_data_dir: str | Path | None) -> list[Input]:
+    inputs = [("model", s.input_path) for s in sources] + [("data", data), ("task data", task_data_dir)]
+    if ref_source is not None:
+        inputs.append(("model", ref_source.input_path))
+    return inputs
+
+
+def _same_model(source: Any, ref_source: Any) -> bool:
+    """A model that is the reference is loaded once (and scores KL 0 against itself without a second pass)."""
+    return ref_source is not None and source.folder == ref_source.folder and source.gguf_file == ref_source.gguf_file
+
+
+def _settings(
+    data: str | None,
+    context_len: int,
+    stride: int | None,
+    max_tokens: int | None,
+    task_list: list[Any],
+    task_data_dir: str | Path | None,
+    limit: int | None,
+    batch_size: int,
+    torch_dtype: torch.dtype,
+    device: str,
+    seed: int,
+) -> dict[str, Any]:
+    return {
+        "data": data,
+        "context_len": context_len,
+        "stride": context_len if stride is None else stride,
+        "max_tokens": max_tokens,
+        "tasks": [shown for shown, _ in task_list],
+        "task_data_dir": str(task_data_dir) if task_data_dir is not None else None,
+        "limit": limit,
+        "num_fewshot": 0,
+        "batch_size": batch_size,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "device": device,
+        "seed": seed,
+        "torch": torch.__version__,
+        "lm_eval": _version("lm_eval") if task_list else None,
+    }
+
+
+@dataclass
+class _Scoring:
+    """How every model is scored: the same windows, batches, tasks and seed."""
+
+    context_len: int
+    stride: int | None
+    batch_size: int
+    limit: int | None
+    seed: int
+    progress: bool
+    task_list: list[Any]
+    manager: Any
+
+
+def _score(
+    row: dict[str, Any],
+    model: torch.nn.Module,
+    tok: Any,
+    ref_model: torch.nn.Module | None,
+    stream_for: Callable[[Any], torch.Tensor] | None,
+    sc: _Scoring,
+) -> None:
+    if stream_for is not None:
+        # One pass: the model (and the reference, batch by batch) run once per window for both measurements.
+        row["perplexity"], row["fidelity"] = score_windows(
+            model, ref_model, stream_for(tok), sc.context_len, sc.stride, sc.batch_size, sc.progress
+        )
+    if sc.task_list:
+        row["tasks"] = run_tasks(model, tok, sc.task_list, sc.manager, sc.limit, sc.batch_size, sc.seed)
+
+
+def _row(name: str, spec: str, model: torch.nn.Module) -> dict[str, Any]:
+    return {
+        "label": name,
+        "model": spec,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "perplexity": None,
+        "fidelity": None,
+        "tasks": {},
+    }
+
+
+def _result(settings: dict[str, Any], reference: str | None, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
         "format": EVAL_FORMAT,
         "version": EVAL_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {
-            "data": data,
-            "context_len": context_len,
-            "stride": context_len if stride is None else stride,
-            "max_tokens": max_tokens,
-            "tasks": [shown for shown, _ in task_list],
-            "task_data_dir": str(task_data_dir) if task_data_dir is not None else None,
-            "limit": limit,
-            "num_fewshot": 0,
-            "batch_size": batch_size,
-            "dtype": str(torch_dtype).removeprefix("torch."),
-            "device": device,
-            "seed": seed,
-            "torch": torch.__version__,
-            "lm_eval": _version("lm_eval") if task_list else None,
-        },
+        "settings": settings,
         "reference": reference,
         "models": rows,
     }
-    if out is not None:
-        write_eval(result, out)
-    return result
 
 
 def _version(package: str) -> str | None:

@@ -150,7 +150,6 @@ def task_manager(tasks: list[tuple[str, str]], task_data_dir: str | Path | None)
     if needs_hub:
         check_task_downloads(tasks)  # the standard names, before lm-eval indexes its tasks
 
-
     metadata = {"task_data_dir": str(Path(task_data_dir).expanduser())} if task_data_dir is not None else {}
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_hub, metadata=metadata)
     unknown = [shown for shown, lm in tasks if lm not in manager.all_tasks]

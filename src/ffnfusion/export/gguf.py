@@ -308,6 +308,45 @@ def _write_metadata(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _write_tensors(
+    writer: gguf.GGUFWriter, plans: list[TensorPlan], tensor_of: Callable[[TensorPlan], torch.Tensor]
+) -> None:
+    """The tensor table first (from the plans alone), then each tensor read, converted and written in turn."""
+    for plan in plans:
+        writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for plan in plans:
+        tensor = tensor_of(plan)
+        writer.write_tensor_data(_convert(tensor, plan.qtype))
+        del tensor
+
+
+def _fused_source(fused: str | Path) -> Any:
+    from ffnfusion.io.source import resolve_model
+
+    source = resolve_model(str(fused))
+    if not source.is_fused_checkpoint:
+        raise ExportError(
+            f"{fused} is not a fused checkpoint (it has no config.json with block_configs): `ffnfusion export` writes "
+            "the output of `ffnfusion fuse` or `ffnfusion heal`. Fuse the model first; for an unmodified model use "
+            "llama.cpp's own convert_hf_to_gguf.py."
+        )
+    return source
+
+
+def _read_config(folder: Path) -> tuple[dict[str, Any], list[Layer], list[int], float, dict[str, Any]]:
+    """config.json, its GGUF blocks and the dropped identity blocks, RoPE base and scaling: refused if unusable."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    for key in ("hidden_size", "num_attention_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings"):
+        if key not in config:
+            raise ExportError(f"{folder / 'config.json'} has no {key!r}: re-run `ffnfusion fuse` to write it again.")
+    layers, dropped = deci_layers(config, folder / "config.json")
+    theta, rope = _rope(config, folder / "config.json")
+    return config, layers, dropped, theta, rope
+
+
 def export_gguf(
     fused: str | Path,
     out: str | Path,
@@ -318,26 +357,14 @@ def export_gguf(
 ) -> ExportSummary:
     """Write the fused checkpoint `fused` as a llama.cpp `deci` GGUF at `out` (atomically); see the module doc."""
     from ffnfusion.io.checkpoint import LazySafetensors
-    from ffnfusion.io.source import resolve_model
 
     if dtype not in FILE_TYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(FILE_TYPES)}.")
-    source = resolve_model(str(fused))
-    if not source.is_fused_checkpoint:
-        raise ExportError(
-            f"{fused} is not a fused checkpoint (it has no config.json with block_configs): `ffnfusion export` writes "
-            "the output of `ffnfusion fuse` or `ffnfusion heal`. Fuse the model first; for an unmodified model use "
-            "llama.cpp's own convert_hf_to_gguf.py."
-        )
+    source = _fused_source(fused)
     folder = source.folder
     inputs = [("fused checkpoint", source.input_path)]
     out = check_output_file(out, VERB, is_ffnfusion_gguf, inputs, replace=overwrite, error=ExportError)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    for key in ("hidden_size", "num_attention_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings"):
-        if key not in config:
-            raise ExportError(f"{folder / 'config.json'} has no {key!r}: re-run `ffnfusion fuse` to write it again.")
-    layers, dropped = deci_layers(config, folder / "config.json")
-    theta, rope = _rope(config, folder / "config.json")
+    config, layers, dropped, theta, rope = _read_config(folder)
     file_type, want = FILE_TYPES[dtype]
     vocab = read_vocab(folder, int(config["vocab_size"]), tokenizer_pre)
     lazy = LazySafetensors(folder)
@@ -348,24 +375,18 @@ def export_gguf(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+
+    def tensor_of(plan: TensorPlan) -> torch.Tensor:
+        if plan.source is None:
+            return _llama3_rope_factors(rope, theta, head_dim)
+        tensor = lazy.get(plan.source)
+        return permute_qk(tensor, plan.permute_heads) if plan.permute_heads else tensor
+
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI])
         _write_metadata(writer, config, layers, file_type, name or folder.name, theta, rope)
         vocab.add_to(writer)
-        for plan in plans:
-            writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for plan in plans:
-            if plan.source is None:
-                tensor = _llama3_rope_factors(rope, theta, head_dim)
-            else:
-                tensor = lazy.get(plan.source)
-                if plan.permute_heads:
-                    tensor = permute_qk(tensor, plan.permute_heads)
-            writer.write_tensor_data(_convert(tensor, plan.qtype))
-            del tensor
+        _write_tensors(writer, plans, tensor_of)
         writer.close()
         # Asked again: something may have appeared under the output's name while the file was written.
         check_output_file(out, VERB, is_ffnfusion_gguf, inputs, replace=overwrite, error=ExportError)

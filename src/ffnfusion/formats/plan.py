@@ -128,23 +128,14 @@ def validate_plan(
 ) -> None:
     """Raise PlanError naming every problem of `plan` for a model of `num_layers` layers."""
     problems: list[str] = []
-
-    def check_range(name: str, indices: list[int]) -> None:
-        bad = [i for i in indices if not 0 <= i < num_layers]
-        if bad:
-            problems.append(f"{name}: layer indices {bad} out of range (the model has layers 0..{num_layers - 1})")
-        dup = sorted({i for i in indices if indices.count(i) > 1})
-        if dup:
-            problems.append(f"{name}: layers {dup} listed more than once")
-
-    check_range("remove_attention", plan.remove_attention)
-    check_range("remove_ffn", plan.remove_ffn)
+    problems += _range_problems("remove_attention", plan.remove_attention, num_layers)
+    problems += _range_problems("remove_ffn", plan.remove_ffn, num_layers)
     removed_attn, removed_ffn = set(plan.remove_attention), set(plan.remove_ffn)
     owner: dict[int, str] = {}
     for kind, groups in (("fuse_ffn", plan.fuse_ffn), ("parallel_blocks", plan.parallel_blocks)):
         for group in groups:
             label = f"{kind} group {group}"
-            check_range(label, group)
+            problems += _range_problems(label, group, num_layers)
             if len(group) < 2:
                 problems.append(f"{label}: a group needs at least 2 layers (a group of one changes nothing)")
             if any(b != a + 1 for a, b in itertools.pairwise(group)):
@@ -154,22 +145,9 @@ def validate_plan(
                     problems.append(f"{label}: layer {i} is also in {owner[i]} (groups must not overlap)")
                 owner[i] = label
             if kind == "fuse_ffn":
-                kept = [i for i in group[1:] if i not in removed_attn]
-                if kept:
-                    problems.append(
-                        f"{label}: attention is still present in layers {kept}; FFNs can only be fused across "
-                        "layers whose attention is removed (add them to remove_attention)"
-                    )
-                if gone := [i for i in group if i in removed_ffn]:
-                    problems.append(f"{label}: layers {gone} are also in remove_ffn; a fused FFN cannot be removed")
-                if ffn_widths and all(0 <= i < num_layers for i in group):
-                    width = sum(ffn_widths[i] for i in group)
-                    if require_engine_widths and width % ENGINE_WIDTH_MULTIPLE:
-                        problems.append(
-                            f"{label}: fused FFN width {width} is not a multiple of {ENGINE_WIDTH_MULTIPLE}, which "
-                            "vLLM, TensorRT-LLM and llama.cpp need to read `ffn_mult`; allow engine-incompatible "
-                            "widths (--allow-any-width) to write it for transformers only"
-                        )
+                problems += _fusion_problems(
+                    label, group, removed_attn, removed_ffn, num_layers, ffn_widths, require_engine_widths
+                )
             else:
                 if gone := [i for i in group if i in removed_attn or i in removed_ffn]:
                     problems.append(
@@ -181,6 +159,46 @@ def validate_plan(
                     problems.append(f"{label}: parallel blocks must have equal FFN widths")
     if problems:
         raise PlanError("Invalid plan:\n  - " + "\n  - ".join(problems))
+
+
+def _range_problems(name: str, indices: list[int], num_layers: int) -> list[str]:
+    problems = []
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        problems.append(f"{name}: layer indices {bad} out of range (the model has layers 0..{num_layers - 1})")
+    dup = sorted({i for i in indices if indices.count(i) > 1})
+    if dup:
+        problems.append(f"{name}: layers {dup} listed more than once")
+    return problems
+
+
+def _fusion_problems(
+    label: str,
+    group: list[int],
+    removed_attn: set[int],
+    removed_ffn: set[int],
+    num_layers: int,
+    ffn_widths: list[int] | None,
+    require_engine_widths: bool,
+) -> list[str]:
+    problems = []
+    kept = [i for i in group[1:] if i not in removed_attn]
+    if kept:
+        problems.append(
+            f"{label}: attention is still present in layers {kept}; FFNs can only be fused across "
+            "layers whose attention is removed (add them to remove_attention)"
+        )
+    if gone := [i for i in group if i in removed_ffn]:
+        problems.append(f"{label}: layers {gone} are also in remove_ffn; a fused FFN cannot be removed")
+    if ffn_widths and all(0 <= i < num_layers for i in group):
+        width = sum(ffn_widths[i] for i in group)
+        if require_engine_widths and width % ENGINE_WIDTH_MULTIPLE:
+            problems.append(
+                f"{label}: fused FFN width {width} is not a multiple of {ENGINE_WIDTH_MULTIPLE}, which "
+                "vLLM, TensorRT-LLM and llama.cpp need to read `ffn_mult`; allow engine-incompatible "
+                "widths (--allow-any-width) to write it for transformers only"
+            )
+    return problems
 
 
 def plan_blocks(plan: Plan, num_layers: int) -> list[Block]:

@@ -7,12 +7,17 @@ memory-mapped shards (`formats/corpus.py`); each shard is seeded on its own, so 
 shard and ends with the same corpus as an uninterrupted one. `--data self` of analyze/heal/run uses the same code.
 
 Modules: `settings` (what decides a corpus), `prompts` (BOS, chat instructions, a file), `shards` (the loop,
-diversity, model and engine helpers), `stage` (the verb and the `--data self` entry point).
+diversity, model and engine helpers), `stage` (the verb and the `--data self` entry point). The stage loads on
+first use, so `generate.settings` (what the command line reads) stays light.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from ffnfusion.generate.prompts import PromptError, PromptSource
 from ffnfusion.generate.settings import GenerateError, GenerateSettings, parse_tokens
-from ffnfusion.generate.stage import GenerateSummary, generate, self_corpus_tokens
 
 __all__ = [
     "GenerateError",
@@ -24,3 +29,13 @@ __all__ = [
     "parse_tokens",
     "self_corpus_tokens",
 ]
+
+_LAZY = ("GenerateSummary", "generate", "self_corpus_tokens")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ffnfusion.generate' has no attribute {name!r}")
+    value = getattr(importlib.import_module("ffnfusion.generate.stage"), name)
+    globals()[name] = value
+    return value

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ffnfusion.generate.prompts import PROMPT_MODES
 
@@ -12,22 +13,28 @@ class GenerateError(ValueError):
     """Settings or an output folder that cannot give the corpus asked for."""
 
 
-@dataclass
-class GenerateSettings:
-    """What decides the corpus. `tokens` is the target size; everything else must match when resuming."""
+class GenerateSettings(BaseModel):
+    """What decides the corpus. `tokens` is the target size; everything else must match when resuming.
 
-    tokens: int
-    seq_len: int = 512
-    temperature: float = 1.0
-    top_p: float = 0.95
-    seed: int = 0
-    prompts: str = "auto"  # auto | bos | chat | a text file (one prompt per line)
-    prompt_format: str = "text"  # for a prompts file: text (a continuation) or chat (an instruction)
-    prompt_tokens: int = 64
-    batch_size: int | None = None  # default: 512 on CUDA (less if memory is short), 8 on CPU
-    shard_tokens: int = 2**23
-    dtype: str = "auto"
-    sync_every: int = 16
+    The `ffnfusion generate` options (cli/generate.py) are these fields; each description is the option's help text.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: int = Field(description="corpus size in tokens, e.g. 50M, 200k (rounded up to sequences)")
+    seq_len: int = Field(512, description="tokens per stored sequence (and the longest document)")
+    temperature: float = Field(1.0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(0.95, description="nucleus sampling mass (1: the whole vocabulary)")
+    seed: int = Field(0, description="seeds the sampling and the prompt choice")
+    prompts: str = Field(
+        "auto", description="auto (chat models: chat template + built-in instructions; else BOS), bos, chat, FILE"
+    )
+    prompt_format: str = Field("text", description="FILE lines are `text` or `chat` turns")
+    prompt_tokens: int = Field(64, description="keep at most this many tokens of each prompt")
+    batch_size: int | None = Field(None, description="slots (default: 512 on GPU, 8 on CPU)")
+    shard_tokens: int = Field(2**23, description="tokens per shard (the unit a killed run resumes from)")
+    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    sync_every: int = 16  # decode steps between host syncs of the sampling engine (not an option)
 
     def validate(self) -> None:
         problems = []

@@ -7,7 +7,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +167,7 @@ def stop_tokens(tokenizer: Any, model: Any) -> list[int]:
 def resolved_settings(
     settings: GenerateSettings, prompts: PromptSource, batch: int, dtype: torch.dtype, stop_ids: list[int]
 ) -> dict[str, Any]:
-    s = asdict(settings)
+    s = settings.model_dump()
     s.update(
         prompts=prompts.kind,
         batch_size=batch,

@@ -72,12 +72,76 @@ def generate(
     Everything the user can get wrong (settings, the output folder, a corpus of another model or tokenizer or with
     other settings when resuming) is checked before the model's weights are loaded.
     """
-    from ffnfusion.io.device import parse_dtype
-    from ffnfusion.io.output import check_output_dir, write_marker
-    from ffnfusion.io.source import load_model, resolve_model
+    from ffnfusion.io.output import write_marker
+    from ffnfusion.io.source import load_model
 
     settings.validate()
     out = Path(out).expanduser()
+    job = _prepare(model, out, settings, overwrite, resume, device)
+    existing = job.existing
+    total = math.ceil(settings.tokens / settings.seq_len)
+    if existing is not None and existing.complete and existing.sequences >= total:
+        log(f"{out} already holds {existing.sequences:,} sequences of {existing.seq_len} tokens: nothing to do")
+        return GenerateSummary(
+            out, existing.sequences, existing.seq_len, 0, 0.0, existing.diversity, len(existing.shards)
+        )
+
+    if existing is None and out.exists():
+        shutil.rmtree(out)  # empty, or an earlier `ffnfusion generate` output that --overwrite may replace
+    log(f"loading {model} ({str(job.dtype).removeprefix('torch.')} on {job.dev})")
+    hf = load_model(job.source, job.dtype, job.dev)
+    job.fingerprint.weights_fingerprint = weights_fingerprint(hf)
+    if existing is not None:
+        # Again, now with the weights' fingerprint: a corpus of other weights under the same config is refused.
+        check_resume(existing, job.fingerprint, job.tok_hash, out)
+        existing.complete = False
+    manifest = existing or CorpusManifest(
+        model=job.fingerprint,
+        tokenizer_sha256=job.tok_hash,
+        vocab_size=job.fingerprint.vocab_size,
+        dtype=token_dtype(job.fingerprint.vocab_size),
+        seq_len=settings.seq_len,
+        settings=job.resolved,
+    )
+    writer = CorpusWriter(out, manifest)
+    write_marker(out, "generate")
+    engine = build_engine(hf, settings.seq_len, job.prompts.max_len, job.batch, job.stop_ids, settings)
+    del hf
+    before, shards_before = manifest.sequences, len(manifest.shards)
+    log(
+        f"generating {total:,} sequences x {settings.seq_len} tokens with {job.batch} slots ({job.prompts.kind} "
+        f"prompts, temperature {settings.temperature}, top-p {settings.top_p}); {before:,} already written"
+    )
+    t0 = time.perf_counter()
+    manifest = write_corpus(engine, job.prompts, writer, total, settings, log)
+    seconds = time.perf_counter() - t0
+    return GenerateSummary(
+        out, manifest.sequences, manifest.seq_len, manifest.sequences - before, seconds, manifest.diversity,
+        shards_before,
+    )  # fmt: skip
+
+
+@dataclass
+class _Job:
+    """What `generate` knows before loading the weights: the model, the corpus it resumes, the sampling setup."""
+
+    source: Any
+    fingerprint: ModelFingerprint
+    tok_hash: str
+    existing: CorpusManifest | None
+    dev: torch.device
+    dtype: torch.dtype
+    prompts: PromptSource
+    batch: int
+    stop_ids: list[int]
+    resolved: dict[str, Any]
+
+
+def _prepare(model: str, out: Path, settings: GenerateSettings, overwrite: bool, resume: bool, device: str) -> _Job:
+    from ffnfusion.io.device import parse_dtype
+    from ffnfusion.io.output import check_output_dir
+    from ffnfusion.io.source import resolve_model
+
     source = resolve_model(model)
     tokenizer = source.tokenizer()
     if tokenizer is None:
@@ -109,50 +173,7 @@ def generate(
     resolved = resolved_settings(settings, prompts, batch, dtype, stop_ids)
     if existing is not None:
         check_settings(existing, resolved, out)
-    total = math.ceil(settings.tokens / settings.seq_len)
-    if existing is not None and existing.complete and existing.sequences >= total:
-        log(f"{out} already holds {existing.sequences:,} sequences of {existing.seq_len} tokens: nothing to do")
-        return GenerateSummary(
-            out, existing.sequences, existing.seq_len, 0, 0.0, existing.diversity, len(existing.shards)
-        )
-
-    if existing is None and out.exists():
-        shutil.rmtree(out)  # empty, or an earlier `ffnfusion generate` output that --overwrite may replace
-    log(f"loading {model} ({str(dtype).removeprefix('torch.')} on {dev})")
-    hf = load_model(source, dtype, dev)
-    fingerprint.weights_fingerprint = weights_fingerprint(hf)
-    if existing is not None:
-        check_resume(existing, fingerprint, tok_hash, out)
-        existing.complete = False
-    manifest = existing or CorpusManifest(
-        model=fingerprint,
-        tokenizer_sha256=tok_hash,
-        vocab_size=fingerprint.vocab_size,
-        dtype=token_dtype(fingerprint.vocab_size),
-        seq_len=settings.seq_len,
-        settings=resolved,
-    )
-    writer = CorpusWriter(out, manifest)
-    write_marker(out, "generate")
-    engine = build_engine(hf, settings.seq_len, prompts.max_len, batch, stop_ids, settings)
-    del hf
-    before, shards_before = manifest.sequences, len(manifest.shards)
-    log(
-        f"generating {total:,} sequences x {settings.seq_len} tokens with {batch} slots ({prompts.kind} prompts, "
-        f"temperature {settings.temperature}, top-p {settings.top_p}); {before:,} already written"
-    )
-    t0 = time.perf_counter()
-    manifest = write_corpus(engine, prompts, writer, total, settings, log)
-    seconds = time.perf_counter() - t0
-    return GenerateSummary(
-        out,
-        manifest.sequences,
-        manifest.seq_len,
-        manifest.sequences - before,
-        seconds,
-        manifest.diversity,
-        shards_before,
-    )
+    return _Job(source, fingerprint, tok_hash, existing, dev, dtype, prompts, batch, stop_ids, resolved)
 
 
 def _config_eos(source: Any) -> list[int]:

@@ -89,6 +89,59 @@ def _chunk_fn(compile_chunks: bool) -> Any:
     return _compiled_chunk_terms
 
 
+def _head_sums(
+    s_hidden: torch.Tensor,
+    ws: torch.Tensor,
+    t_hidden: torch.Tensor,
+    wt: torch.Tensor,
+    target: torch.Tensor | None,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    chunk: int,
+    fn: Any,
+    compute_dtype: torch.dtype,
+    terms: tuple[float, float, float, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL and NLL over all tokens, chunk by chunk; fills grad_h and accumulates grad_w in place.
+
+    The logits of one chunk never outlive it: only their gradients are kept, for a group of chunks, so the weight
+    gradient is one large product per group instead of one small one per chunk.
+    """
+    temperature, kl_scale, lm_scale, want_lm, want_grad = terms
+    n, vocab = s_hidden.shape[0], ws.shape[0]
+    kl_sum = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
+    nll_sum = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
+    group = max(chunk, GROUP_ELEMENTS // max(1, vocab) // chunk * chunk)
+    for g_start in range(0, n, group):
+        g_end = min(n, g_start + group)
+        grads = (
+            torch.empty(g_end - g_start, vocab, dtype=compute_dtype, device=s_hidden.device)
+            if grad_w is not None
+            else None
+        )
+        for start in range(g_start, g_end, chunk):
+            end = min(g_end, start + chunk)
+            zs = s_hidden[start:end].to(compute_dtype) @ ws.t()
+            zt = t_hidden[start:end].to(compute_dtype) @ wt.t()
+            tgt = target[start:end] if want_lm else None
+            kl, nll, g = fn(zs, zt, tgt, temperature, kl_scale, lm_scale, want_lm, want_grad, compute_dtype)
+            kl_sum += kl
+            nll_sum += nll
+            if g is not None:
+                if grad_h is not None:
+                    grad_h[start:end] = g @ ws
+                if grads is not None:
+                    grads[start - g_start : end - g_start] = g
+        if grads is not None:
+            hs = s_hidden[g_start:g_end].to(compute_dtype)
+            if compute_dtype == torch.float32:
+                grad_w.addmm_(grads.t(), hs)
+            else:
+                grad_w += (grads.t() @ hs).float()
+            del grads
+    return kl_sum, nll_sum
+
+
 class _FusedHeadDistill(torch.autograd.Function):
     """Loss of the head part (weighted KL + LM) with its gradients formed chunk by chunk in the forward pass."""
 
@@ -119,38 +172,8 @@ class _FusedHeadDistill(torch.autograd.Function):
         wt = t_weight.to(compute_dtype)
         grad_h = torch.empty_like(s_hidden) if grad_h_needed else None
         grad_w = torch.zeros(s_weight.shape, dtype=torch.float32, device=s_weight.device) if grad_w_needed else None
-        kl_sum = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
-        nll_sum = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
-        vocab = s_weight.shape[0]
-        # Tokens whose logit gradients are gathered for one weight-gradient product: whole chunks.
-        group = max(chunk, GROUP_ELEMENTS // max(1, vocab) // chunk * chunk)
-        for g_start in range(0, n, group):
-            g_end = min(n, g_start + group)
-            grads = (
-                torch.empty(g_end - g_start, vocab, dtype=compute_dtype, device=s_hidden.device)
-                if grad_w is not None
-                else None
-            )
-            for start in range(g_start, g_end, chunk):
-                end = min(g_end, start + chunk)
-                zs = s_hidden[start:end].to(compute_dtype) @ ws.t()
-                zt = t_hidden[start:end].to(compute_dtype) @ wt.t()
-                tgt = target[start:end] if want_lm else None
-                kl, nll, g = fn(zs, zt, tgt, temperature, kl_scale, lm_scale, want_lm, want_grad, compute_dtype)
-                kl_sum += kl
-                nll_sum += nll
-                if g is not None:
-                    if grad_h is not None:
-                        grad_h[start:end] = g @ ws
-                    if grads is not None:
-                        grads[start - g_start : end - g_start] = g
-            if grads is not None:
-                hs = s_hidden[g_start:g_end].to(compute_dtype)
-                if compute_dtype == torch.float32:
-                    grad_w.addmm_(grads.t(), hs)
-                else:
-                    grad_w += (grads.t() @ hs).float()
-                del grads
+        tm = (temperature, kl_scale, lm_scale, want_lm, want_grad)
+        kl_sum, nll_sum = _head_sums(s_hidden, ws, t_hidden, wt, target, grad_h, grad_w, chunk, fn, compute_dtype, tm)
         kl = kl_sum * (temperature**2 / n)
         lm = nll_sum / max(1, n_lm)
         total = kl_weight * kl + (lm_weight * lm if want_lm else 0.0)

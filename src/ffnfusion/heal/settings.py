@@ -1,15 +1,13 @@
-"""What shapes a heal: HealSettings (validated before any work), HealSummary, the files a heal writes."""
+"""What shapes a heal: HealSettings (validated before any work), HealRun, HealSummary, the files a heal writes."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ffnfusion.heal.budget import (
-    budget_problems,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PLAN_FILE = "ffnfusion_plan.json"
 LOG_FILE = "heal_log.jsonl"
@@ -26,40 +24,63 @@ class HealError(ValueError):
     """Inputs that cannot be distilled: not a fused student, mismatched vocabularies, bad settings."""
 
 
-@dataclass
-class HealSettings:
-    """Everything that shapes the training run; saved with the checkpoints so `--resume` can refuse a different run."""
+class HealSettings(BaseModel):
+    """Everything that shapes the training run; saved with the checkpoints so `--resume` can refuse a different run.
 
-    data: list[str]
-    seq_len: int = 512
-    max_sequences: int | None = None
-    self_samples: int = 256
-    self_batch_size: int = 64
-    text_field: str = "text"
-    batch_size: int | None = None  # None: automatic (memory-probed on CUDA, 8 elsewhere)
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int = -1
-    tokens: int | None = None  # training-token budget (whole optimizer steps, rounded down)
-    minutes: float | None = None  # time budget; whichever of tokens / minutes comes first
-    max_epochs: int = 1  # under a budget, no sequence is seen more often than this
-    lr: float = 1e-4
+    The `ffnfusion heal` options (cli/heal.py) and run.yaml's `heal:` section are these fields (with HealRun's);
+    each description is the option's help text.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: list[str] = Field(
+        description="training text: file, folder, .jsonl, .parquet, datasets name, or `self`; repeatable"
+    )
+    seq_len: int = Field(512, description="tokens per packed training sequence")
+    max_sequences: int | None = Field(None, description="use at most this many sequences per --data")
+    self_samples: int = Field(256, description="sequences to sample from the teacher for --data self")
+    self_batch_size: int = Field(64, description="sequences sampled at once for --data self")
+    text_field: str = Field("text", description="text column of .jsonl/.parquet/datasets")
+    batch_size: int | None = Field(
+        None, description="sequences per device per micro-batch (default: automatic, for throughput; 8 on CPU)"
+    )
+    grad_accum: int = Field(1, description="micro-batches per optimizer step")
+    epochs: float = Field(1.0, description="passes over the data (ignored with --max-steps, --tokens or --minutes)")
+    max_steps: int = Field(-1, description="optimizer steps (overrides --epochs)")
+    tokens: int | None = Field(
+        None, description="training-token budget (whole optimizer steps); with --minutes, first wins"
+    )
+    minutes: float | None = Field(None, description="training-time budget; with --tokens, first wins")
+    max_epochs: int = Field(1, description="under --tokens/--minutes: no sequence is seen more often than this")
+    lr: float = Field(1e-4, description="peak learning rate (AdamW, cosine decay)")
     weight_decay: float = 0.0
-    warmup: float = 0.05
-    kl_weight: float = 1.0
-    cos_weight: float = 1.0
-    lm_weight: float = 0.0
-    temperature: float = 1.0
-    scope: str = "all"
-    neighbours: int = 0
+    warmup: float = Field(0.05, description="warm-up: fraction of the steps (<1) or a number of steps")
+    kl_weight: float = Field(1.0, description="weight of KL(teacher || student) on next-token logits")
+    cos_weight: float = Field(1.0, description="weight of the cosine distance of final hidden states")
+    lm_weight: float = Field(0.0, description="weight of the language-modelling loss (off by default)")
+    temperature: float = Field(1.0, description="softmax temperature of the KL term")
+    scope: str = Field("all", description="trainable part: `all` or `changed` (fused/removed blocks)")
+    neighbours: int = Field(0, description="with --scope changed, also train this many blocks each side")
     seed: int = 0
-    bf16: bool | None = None
-    gradient_checkpointing: bool = False
-    fsdp: str = ""
-    loss_impl: str = "auto"  # chunked: LM heads inside the loss, chunked over tokens; plain: full logits
-    compile: str = "loss"  # torch.compile on CUDA: none, the loss's chunk kernel, or also the models
+    bf16: bool | None = Field(None, description="bf16 mixed precision (default: on where the GPU has it)")
+    gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
+    fsdp: str = Field("", description="FSDP mode passed to Trainer, e.g. 'full_shard auto_wrap'")
+    loss_impl: str = Field(
+        "auto", description="auto, chunked (LM heads inside a token-chunked loss) or plain (full logits)"
+    )
+    compile: str = Field(
+        "loss", description="torch.compile on CUDA: none, loss (the loss's chunk kernel) or all (also the models)"
+    )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_source(cls, value: Any) -> Any:
+        # run.yaml may name one text source as a string.
+        return [value] if isinstance(value, str) else value
 
     def check(self) -> None:
+        from ffnfusion.heal.budget import budget_problems  # torch and transformers: not for `--help`
+
         problems = []
         if self.scope not in SCOPES:
             problems.append(f"--scope must be one of {', '.join(SCOPES)} (got {self.scope!r})")
@@ -96,7 +117,18 @@ class HealSettings:
         """The settings a resumed run must share with the interrupted one (bf16 None means 'auto', resolved)."""
         # Not compared: how the run is executed or how long it may take (a resumed run gets its own --minutes).
         skip = ("fsdp", "self_batch_size", "minutes", "loss_impl", "compile")
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
+
+
+class HealRun(BaseModel):
+    """How the training run is checkpointed and logged: options of `heal` (and run.yaml's `heal:` section) that
+    do not change what is trained, so a resumed run may change them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    save_steps: int = Field(500, description="checkpoint every N optimizer steps")
+    logging_steps: int = Field(10, description="log the loss every N optimizer steps")
+    keep_checkpoints: bool = Field(False, description="keep the checkpoints after a successful run")
 
 
 @dataclass

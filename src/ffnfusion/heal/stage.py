@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import shutil
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,80 +22,35 @@ from transformers.trainer_callback import PrinterCallback
 
 from ffnfusion.data import DataError, packed_sequences
 from ffnfusion.formats.plan import Plan
+from ffnfusion.formats.settings import settings_from
 from ffnfusion.heal.budget import (
     TimeBudgetCallback,
     TokenProgressCallback,
-    auto_batch_size,
     log,
     plan_budget,
 )
+from ffnfusion.heal.checks import check_student, check_vocabularies, check_widths
+from ffnfusion.heal.output import write_output
 from ffnfusion.heal.resume import _check_resume
 from ffnfusion.heal.settings import (
     CHECKPOINTS_VERB,
-    CURVE_FILE,
-    LOG_FILE,
     PLAN_FILE,
     SETTINGS_FILE,
     HealError,
+    HealRun,
     HealSettings,
     HealSummary,
 )
 from ffnfusion.heal.trainer import (
     DistillationTrainer,
     TokenDataset,
-    distillation_step,
     freeze_outside,
     matmul_parameters,
+    probe_batch_size,
     trainable_blocks,
 )
-from ffnfusion.io.checkpoint import LazySafetensors, atomic_output_dir, write_fused_checkpoint
 from ffnfusion.io.output import Input, check_output_dir, write_marker
 from ffnfusion.io.source import ModelSource, load_model, resolve_model
-
-
-def _check_student(source: ModelSource) -> dict[str, Any]:
-    if not source.is_fused_checkpoint:
-        raise HealError(
-            f"{source.spec} is not a fused checkpoint (no DeciLM config.json with block_configs): heal trains the "
-            "output of `ffnfusion fuse`; fuse the original model first."
-        )
-    config = json.loads((source.folder / "config.json").read_text())
-    if "DeciLMForCausalLM" not in (config.get("architectures") or []):
-        raise HealError(f"{source.spec}/config.json does not describe a DeciLMForCausalLM.")
-    return config
-
-
-def _check_vocabularies(student_config: dict[str, Any], teacher_config: Any, s_tok: Any, t_tok: Any) -> None:
-    s_vocab, t_vocab = student_config.get("vocab_size"), getattr(teacher_config, "vocab_size", None)
-    if s_vocab != t_vocab:
-        raise HealError(
-            f"student and teacher have different vocabulary sizes ({s_vocab} vs {t_vocab}): distillation "
-            "compares next-token distributions, so the student must be fused from this teacher."
-        )
-    if s_tok is not None and t_tok is not None:
-        s_v, t_v = s_tok.get_vocab(), t_tok.get_vocab()
-        if s_v != t_v:
-            differ = len(set(s_v.items()) ^ set(t_v.items()))
-            raise HealError(
-                f"student and teacher tokenizers differ ({differ} token/id pairs are not shared): the student "
-                "must use the teacher's tokenizer."
-            )
-
-
-def _check_widths(student_config: dict[str, Any], teacher_config: Any, student: str, teacher: str) -> None:
-    """The cosine term compares the final hidden states, so both models must have the same hidden size."""
-    s_hidden, t_hidden = student_config.get("hidden_size"), getattr(teacher_config, "hidden_size", None)
-    if s_hidden is None or t_hidden is None or s_hidden == t_hidden:
-        return
-    s_blocks = len(student_config.get("block_configs") or [])
-    t_layers = getattr(teacher_config, "num_hidden_layers", "?")
-    raise HealError(
-        f"student and teacher have different hidden sizes: the student {student} has hidden_size {s_hidden} "
-        f"({s_blocks} blocks), the teacher {teacher} has hidden_size {t_hidden} ({t_layers} layers). Distillation "
-        "compares their final hidden states (cosine loss) and next-token distributions position by position, so "
-        "the student must be fused from this teacher: pass the original model the student was fused from as "
-        "--teacher."
-    )
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
@@ -115,45 +70,6 @@ def _resolve_bf16(bf16: bool | None) -> bool:
     return bf16
 
 
-def _stored_dtypes(folder: Path) -> dict[str, torch.dtype]:
-    """name -> dtype of every tensor stored in the student checkpoint, read from the safetensors headers."""
-    from safetensors import safe_open
-
-    lazy = LazySafetensors(folder)
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    out = {}
-    for file in sorted(set(lazy.weight_map.values())):
-        with safe_open(folder / file, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                out[name] = names.get(f.get_slice(name).get_dtype(), torch.float32)
-    return out
-
-
-def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Training loss (and its parts) against the step, from Trainer's log history."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in history if "loss" in r and "step" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for key, label in (("loss", "total"), ("loss_kl", "KL"), ("loss_cos", "cosine"), ("loss_lm", "LM cross-entropy")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, label=label, linewidth=1.5 if key == "loss" else 1.0)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title(title or "distillation loss")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def heal(
     student: str | Path,
     teacher: str | Path,
@@ -162,23 +78,89 @@ def heal(
     overwrite: bool = False,
     resume: bool = False,
     checkpoint_dir: str | Path | None = None,
-    save_steps: int = 500,
-    logging_steps: int = 10,
-    keep_checkpoints: bool = False,
     callbacks: list[TrainerCallback] | None = None,
     progress: bool = True,
+    run: HealRun | None = None,
+    **run_options: Any,
 ) -> HealSummary:
     """Distil `teacher` into the fused checkpoint `student`; write the healed checkpoint to `out` (atomically).
 
     Call it in every process of a distributed launch (torchrun / accelerate launch): Trainer splits the batches,
     and only the main process writes `out`. Checkpoints for `--resume` go to `checkpoint_dir` (default: beside
-    `out`, named `<out>.checkpoints`) and are deleted after a successful run unless `keep_checkpoints`.
+    `out`, named `<out>.checkpoints`) and are deleted after a successful run unless `keep_checkpoints`. How the run
+    is checkpointed and logged: `run`, or HealRun's fields as keyword `run_options` (save_steps=...).
     """
+    run = settings_from(HealRun, run, run_options)
     settings.check()
     settings.bf16 = _resolve_bf16(settings.bf16)
+    job = _prepare(student, teacher, out, settings, overwrite, resume, checkpoint_dir)
+    args = _training_args(settings, job.checkpoint_dir, run.save_steps, run.logging_steps)
+    _check_token_budget(settings, args)
+    teacher_model = _load_teacher(job.t_source, settings, args)
+    sequences = _training_sequences(job, settings, args, teacher_model)
+    student_model, blocks, trainable, total = _load_student(job, settings)
+    if settings.batch_size is None:
+        settings.batch_size = probe_batch_size(student_model, teacher_model, sequences, settings, args, trainable)
+    budget, warnings = _budget(int(sequences.shape[0]), settings, args)
+    callbacks, timer = _callbacks(callbacks, settings, budget.tokens_per_step, progress)
+    if args.process_index == 0:
+        _start_checkpoints(job.checkpoint_dir, settings)
+    trainer = DistillationTrainer(
+        model=student_model,
+        args=args,
+        train_dataset=TokenDataset(sequences),
+        data_collator=default_data_collator,
+        processing_class=job.tokenizer,
+        callbacks=callbacks,
+        teacher=teacher_model,
+        settings=settings,
+    )
+    if progress:  # the progress bar replaces Trainer's printed log lines
+        trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=job.resume_from)
+
+    # Collective on FSDP (gathers the shards), so every process calls it; only the main one writes.
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    trained = _Trained(trainer, result, teacher_model, sequences, blocks, trainable, total)
+    summary = _summary(job.out, trained, settings, args, budget, timer, warnings)
+    if trainer.is_world_process_zero():
+        write_output(
+            job.out, job.inputs, job.s_source, job.student_config, state, job.tokenizer, summary, settings, overwrite
+        )
+        if not run.keep_checkpoints:
+            shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+@dataclass
+class _Job:
+    """What `heal` knows after its input checks: the two models, the output places, the tokenizer."""
+
+    out: Path
+    s_source: ModelSource
+    t_source: ModelSource
+    student_config: dict[str, Any]
+    t_config: Any
+    inputs: list[Input]
+    checkpoint_dir: Path
+    resume_from: Any
+    tokenizer: Any
+    plan: Plan | None
+
+
+def _prepare(
+    student: str | Path,
+    teacher: str | Path,
+    out: str | Path,
+    settings: HealSettings,
+    overwrite: bool,
+    resume: bool,
+    checkpoint_dir: str | Path | None,
+) -> _Job:
     out = Path(out).resolve()
     s_source, t_source = resolve_model(student), resolve_model(teacher)
-    student_config = _check_student(s_source)
+    student_config = check_student(s_source)
     inputs = [("input model", s_source.input_path), ("input model", t_source.input_path)]
     inputs += [("data", spec) for spec in settings.data]
     check_output_dir(out, "heal", inputs, overwrite, error=HealError)
@@ -191,16 +173,21 @@ def heal(
 
     t_config = t_source.config()
     s_tok, t_tok = s_source.tokenizer(), t_source.tokenizer()
-    _check_vocabularies(student_config, t_config, s_tok, t_tok)
-    _check_widths(student_config, t_config, str(student), str(teacher))
+    check_vocabularies(student_config, t_config, s_tok, t_tok)
+    check_widths(student_config, t_config, str(student), str(teacher))
     tokenizer = s_tok or t_tok
     if tokenizer is None:
         raise HealError("neither the student nor the teacher folder holds a tokenizer; the text cannot be tokenized.")
     plan = Plan.load(s_source.folder / PLAN_FILE) if (s_source.folder / PLAN_FILE).is_file() else None
+    return _Job(out, s_source, t_source, student_config, t_config, inputs, checkpoint_dir, resume_from, tokenizer, plan)
 
-    args = TrainingArguments(
+
+def _training_args(
+    settings: HealSettings, checkpoint_dir: Path, save_steps: int, logging_steps: int
+) -> TrainingArguments:
+    return TrainingArguments(
         output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=settings.batch_size or 1,  # set below once the automatic size is known
+        per_device_train_batch_size=settings.batch_size or 1,  # set in _budget once the automatic size is known
         gradient_accumulation_steps=settings.grad_accum,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
@@ -224,15 +211,20 @@ def heal(
         use_cpu=not torch.cuda.is_available(),
         torch_compile=settings.compile == "all" and torch.cuda.is_available(),
     )
-    if settings.tokens is not None and settings.batch_size is not None:
-        step_tokens = settings.batch_size * settings.grad_accum * args.world_size * settings.seq_len
-        if settings.tokens < step_tokens:
-            raise HealError(
-                f"--tokens {settings.tokens:,} is smaller than one optimizer step ({step_tokens:,} tokens over "
-                f"{args.world_size} processes): raise --tokens or lower --batch-size / --seq-len."
-            )
-    # Every process builds the same sequences; the main process goes first so `self` text is sampled once and
-    # cached, and the others read the cache.
+
+
+def _check_token_budget(settings: HealSettings, args: TrainingArguments) -> None:
+    if settings.tokens is None or settings.batch_size is None:
+        return
+    step_tokens = settings.batch_size * settings.grad_accum * args.world_size * settings.seq_len
+    if settings.tokens < step_tokens:
+        raise HealError(
+            f"--tokens {settings.tokens:,} is smaller than one optimizer step ({step_tokens:,} tokens over "
+            f"{args.world_size} processes): raise --tokens or lower --batch-size / --seq-len."
+        )
+
+
+def _load_teacher(t_source: ModelSource, settings: HealSettings, args: TrainingArguments) -> torch.nn.Module:
     teacher_model = load_model(t_source, torch.bfloat16 if settings.bf16 else torch.float32, args.device)
     teacher_model.requires_grad_(False)
     if settings.compile == "all" and torch.cuda.is_available():
@@ -240,17 +232,25 @@ def heal(
         teacher_model.__dict__["_ffnfusion_forward"] = torch.compile(
             getattr(teacher_model, teacher_model.base_model_prefix)
         )
+    return teacher_model
+
+
+def _training_sequences(
+    job: _Job, settings: HealSettings, args: TrainingArguments, teacher_model: torch.nn.Module
+) -> torch.Tensor:
+    # Every process builds the same sequences; the main process goes first so `self` text is sampled once and
+    # cached, and the others read the cache.
     with args.main_process_first(desc="preparing training text"):
         sequences = torch.cat(
             [
                 packed_sequences(
                     spec,
-                    tokenizer,
+                    job.tokenizer,
                     settings.seq_len,
                     settings.max_sequences,
                     settings.seed,
                     model=teacher_model,
-                    model_key=str(t_source.folder / (t_source.gguf_file or "")),
+                    model_key=str(job.t_source.folder / (job.t_source.gguf_file or "")),
                     self_samples=settings.self_samples,
                     text_field=settings.text_field,
                     generate_batch_size=settings.self_batch_size,
@@ -264,20 +264,30 @@ def heal(
             f"({settings.batch_size or 1} per device x {args.world_size} processes): use more text, a smaller "
             "--batch-size or a shorter --seq-len."
         )
+    return sequences
 
-    student_model = load_model(s_source, torch.float32, "cpu")
+
+def _load_student(job: _Job, settings: HealSettings) -> tuple[torch.nn.Module, list[int], int, int]:
+    """The student in fp32 on the CPU (Trainer moves it), frozen outside --scope; its trainable blocks, trainable
+    and total parameter counts (counted before Trainer wraps or shards it)."""
+    student_model = load_model(job.s_source, torch.float32, "cpu")
     student_model.config.use_cache = False
     blocks = trainable_blocks(
-        settings.scope, len(student_config["block_configs"]), plan, t_config.num_hidden_layers, settings.neighbours
+        settings.scope,
+        len(job.student_config["block_configs"]),
+        job.plan,
+        job.t_config.num_hidden_layers,
+        settings.neighbours,
     )
     trainable = freeze_outside(student_model, blocks) if settings.scope != "all" else student_model.num_parameters()
-    total = student_model.num_parameters()
-    if settings.batch_size is None:
-        settings.batch_size = _auto_batch_size(student_model, teacher_model, sequences, settings, args, trainable)
-    global_batch = settings.batch_size * settings.grad_accum * args.world_size
+    return student_model, blocks, trainable, student_model.num_parameters()
+
+
+def _budget(sequences: int, settings: HealSettings, args: TrainingArguments) -> tuple[Any, list[str]]:
+    """The step budget (and its warning) for the chosen batch size; `args` get the batch size and step count."""
     try:
         budget = plan_budget(
-            int(sequences.shape[0]),
+            sequences,
             settings.seq_len,
             settings.batch_size,
             settings.grad_accum,
@@ -296,41 +306,59 @@ def heal(
     args.per_device_train_batch_size = settings.batch_size
     if budget.limited_by != "epochs":
         args.max_steps = budget.steps
-    callbacks = list(callbacks or [])
+    return budget, warnings
+
+
+def _callbacks(
+    given: list[TrainerCallback] | None, settings: HealSettings, tokens_per_step: int, progress: bool
+) -> tuple[list[TrainerCallback], TimeBudgetCallback | None]:
+    """The caller's callbacks plus the --minutes timer (kept: the summary asks it whether it stopped the run)."""
     timer = TimeBudgetCallback(settings.minutes) if settings.minutes is not None else None
-    if timer is not None:
-        callbacks.append(timer)
+    callbacks = list(given or []) + ([timer] if timer is not None else [])
     if progress:
-        callbacks.append(TokenProgressCallback(budget.tokens_per_step, settings.minutes))
+        callbacks.append(TokenProgressCallback(tokens_per_step, settings.minutes))
+    return callbacks, timer
 
-    if args.process_index == 0:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        write_marker(checkpoint_dir, CHECKPOINTS_VERB)
-        (checkpoint_dir / SETTINGS_FILE).write_text(json.dumps(settings.training_key(), indent=2) + "\n")
-    trainer = DistillationTrainer(
-        model=student_model,
-        args=args,
-        train_dataset=TokenDataset(sequences),
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        teacher=teacher_model,
-        settings=settings,
-    )
-    if progress:
-        trainer.remove_callback(PrinterCallback)
-    result = trainer.train(resume_from_checkpoint=resume_from)
 
-    # Collective on FSDP (gathers the shards), so every process calls it; only the main one writes.
-    state = trainer.accelerator.get_state_dict(trainer.model)
+def _start_checkpoints(checkpoint_dir: Path, settings: HealSettings) -> None:
+    """Mark the checkpoint folder and record the settings `--resume` must match."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(checkpoint_dir, CHECKPOINTS_VERB)
+    (checkpoint_dir / SETTINGS_FILE).write_text(json.dumps(settings.training_key(), indent=2) + "\n")
+
+
+@dataclass
+class _Trained:
+    """What the finished Trainer run leaves for the summary."""
+
+    trainer: DistillationTrainer
+    result: Any
+    teacher_model: torch.nn.Module
+    sequences: torch.Tensor
+    blocks: list[int]
+    trainable: int
+    total: int
+
+
+def _summary(
+    out: Path,
+    run: _Trained,
+    settings: HealSettings,
+    args: TrainingArguments,
+    budget: Any,
+    timer: TimeBudgetCallback | None,
+    warnings: list[str],
+) -> HealSummary:
+    trainer = run.trainer
     history = trainer.state.log_history
     steps = trainer.state.global_step
+    global_batch = settings.batch_size * settings.grad_accum * args.world_size
     tokens = steps * global_batch * settings.seq_len
-    seconds = float(result.metrics.get("train_runtime", float("nan")))
+    seconds = float(run.result.metrics.get("train_runtime", float("nan")))
     losses = [r["loss"] for r in history if "loss" in r]
     tokens_per_second = tokens / seconds if seconds > 0 else math.nan
     flops_per_token = 6 * matmul_parameters(trainer.accelerator.unwrap_model(trainer.model))
-    flops_per_token += 2 * matmul_parameters(teacher_model)
+    flops_per_token += 2 * matmul_parameters(run.teacher_model)
     stopped_by_time = bool(timer and timer.stopped_early)
     if timer is not None and not stopped_by_time and budget.limited_by == "data" and settings.tokens is None:
         warnings.append(
@@ -339,17 +367,17 @@ def heal(
         )
         if args.process_index == 0:
             log.warning(warnings[-1])
-    summary = HealSummary(
+    return HealSummary(
         out=out,
         steps=steps,
-        sequences=int(sequences.shape[0]),
+        sequences=int(run.sequences.shape[0]),
         seq_len=settings.seq_len,
         tokens=tokens,
         train_seconds=seconds,
         tokens_per_second=tokens_per_second,
-        trainable_parameters=trainable,
-        total_parameters=total,
-        trainable_blocks=blocks,
+        trainable_parameters=run.trainable,
+        total_parameters=run.total,
+        trainable_blocks=run.blocks,
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         log_history=history,
@@ -360,83 +388,3 @@ def heal(
         train_tflops=tokens_per_second * flops_per_token / 1e12,
         warnings=warnings,
     )
-    if trainer.is_world_process_zero():
-        _write_output(out, inputs, s_source, student_config, state, tokenizer, summary, settings, overwrite)
-        if not keep_checkpoints:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    return summary
-
-
-def _auto_batch_size(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
-    sequences: torch.Tensor,
-    settings: HealSettings,
-    args: TrainingArguments,
-    trainable: int,
-) -> int:
-    """The micro-batch for throughput (heal_budget.auto_batch_size), probed with real training steps on CUDA."""
-    device = args.device
-    upper = int(sequences.shape[0]) // args.world_size
-    if settings.tokens is not None:
-        upper = min(upper, settings.tokens // (settings.grad_accum * args.world_size * settings.seq_len))
-    upper = max(1, upper)
-    if device.type != "cuda":
-        return auto_batch_size(lambda b: None, settings.seq_len, device, 0, upper)
-    student.to(device)
-    student.train()
-    if settings.gradient_checkpointing:
-        student.gradient_checkpointing_enable({"use_reentrant": False})
-
-    def step(b: int) -> None:
-        ids = sequences[:b].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(settings.bf16)):
-            loss, _, _ = distillation_step(student, student, teacher, ids, settings)
-        loss.backward()
-        del loss
-        student.zero_grad(set_to_none=False)  # keep the gradients allocated: training holds them too
-
-    try:
-        # AdamW's two fp32 moments per trainable parameter are not allocated yet; leave 1 GiB besides.
-        return auto_batch_size(step, settings.seq_len, device, 8 * trainable + 2**30, upper)
-    finally:
-        student.zero_grad(set_to_none=True)
-        if settings.gradient_checkpointing:
-            student.gradient_checkpointing_disable()
-        torch.cuda.empty_cache()
-
-
-def _write_output(
-    out: Path,
-    inputs: list[Input],
-    s_source: ModelSource,
-    student_config: dict[str, Any],
-    state: dict[str, torch.Tensor],
-    tokenizer: Any,
-    summary: HealSummary,
-    settings: HealSettings,
-    overwrite: bool,
-) -> None:
-    # Write exactly the tensors (names and dtypes) the student checkpoint holds, so the result is the same format.
-    dtypes = _stored_dtypes(s_source.folder)
-    missing = sorted(set(dtypes) - set(state))
-    if missing:
-        raise RuntimeError(f"the trained model lacks tensors of the student checkpoint: {missing[:5]}")
-    tensors = ((name, state[name].detach().to("cpu", dtypes[name])) for name in sorted(dtypes))
-    config_kwargs = {
-        k: v for k, v in student_config.items() if k not in ("architectures", "auto_map", "transformers_version")
-    }
-    config_kwargs.pop("model_type", None)
-    report = {k: v for k, v in asdict(summary).items() if k != "log_history"}
-    report["out"] = str(out)
-    extra = {
-        LOG_FILE: "".join(json.dumps(r) + "\n" for r in summary.log_history),
-        "heal_summary.json": json.dumps({"settings": asdict(settings), "result": report}, indent=2) + "\n",
-    }
-    plan_file = s_source.folder / PLAN_FILE
-    if plan_file.is_file():
-        extra[PLAN_FILE] = plan_file.read_text()
-    with atomic_output_dir(out, "heal", inputs, overwrite) as tmp:
-        write_fused_checkpoint(tmp, config_kwargs, tensors, tokenizer, extra_files=extra)
-        plot_loss_curve(summary.log_history, tmp / CURVE_FILE, f"heal: {s_source.spec}")

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from ffnfusion.formats.plan import Plan, plan_blocks
+from ffnfusion.heal.budget import auto_batch_size
 from ffnfusion.heal.loss import chunked_distillation_loss
 from ffnfusion.heal.settings import PLAN_FILE, HealError, HealSettings
 
@@ -221,3 +222,42 @@ def freeze_outside(model: torch.nn.Module, blocks: Sequence[int]) -> int:
         p.requires_grad_(name.startswith(prefixes))
         trainable += p.numel() if p.requires_grad else 0
     return trainable
+
+
+def probe_batch_size(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    sequences: torch.Tensor,
+    settings: HealSettings,
+    args: TrainingArguments,
+    trainable: int,
+) -> int:
+    """The micro-batch for throughput (auto_batch_size), probed with real training steps on CUDA."""
+    device = args.device
+    upper = int(sequences.shape[0]) // args.world_size
+    if settings.tokens is not None:
+        upper = min(upper, settings.tokens // (settings.grad_accum * args.world_size * settings.seq_len))
+    upper = max(1, upper)
+    if device.type != "cuda":
+        return auto_batch_size(lambda b: None, settings.seq_len, device, 0, upper)
+    student.to(device)
+    student.train()
+    if settings.gradient_checkpointing:
+        student.gradient_checkpointing_enable({"use_reentrant": False})
+
+    def step(b: int) -> None:
+        ids = sequences[:b].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(settings.bf16)):
+            loss, _, _ = distillation_step(student, student, teacher, ids, settings)
+        loss.backward()
+        del loss
+        student.zero_grad(set_to_none=False)  # keep the gradients allocated: training holds them too
+
+    try:
+        # AdamW's two fp32 moments per trainable parameter are not allocated yet; leave 1 GiB besides.
+        return auto_batch_size(step, settings.seq_len, device, 8 * trainable + 2**30, upper)
+    finally:
+        student.zero_grad(set_to_none=True)
+        if settings.gradient_checkpointing:
+            student.gradient_checkpointing_disable()
+        torch.cuda.empty_cache()

@@ -127,60 +127,23 @@ def check_gguf(path: Path) -> None:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != b"GGUF":
             raise ModelSourceError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'); {fix}")
-        pos = 4
-
-        def take(fmt: str) -> Any:
-            nonlocal pos
-            width = struct.calcsize(fmt)
-            if pos + width > size:
-                raise _GGUFTruncated
-            (value,) = struct.unpack_from(fmt, buf, pos)
-            pos += width
-            return value
-
-        def skip(n: int) -> None:
-            nonlocal pos
-            if n < 0 or pos + n > size:
-                raise _GGUFTruncated
-            pos += n
-
-        def string() -> bytes:
-            n = take("<Q")
-            start = pos
-            skip(n)
-            return bytes(buf[start:pos])
-
-        def value(kind: int) -> Any:
-            if kind == _GGUF_STRING:
-                return string()
-            if kind == _GGUF_ARRAY:
-                item, count = take("<I"), take("<Q")
-                if item in _GGUF_WIDTH:
-                    skip(count * _GGUF_WIDTH[item])
-                else:
-                    for _ in range(count):
-                        value(item)
-                return None
-            if kind not in _GGUF_WIDTH:
-                raise ModelSourceError(f"{path} is corrupt: metadata value type {kind} does not exist; {fix}")
-            return take({1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[_GGUF_WIDTH[kind]])
-
+        r = _GGUFHeader(buf, size, path, fix)
         try:
-            version = take("<I")
+            version = r.take("<I")
             if version not in (2, 3):
                 raise ModelSourceError(f"{path} has GGUF version {version}; versions 2 and 3 can be read. {fix}")
-            n_tensors, n_kv = take("<Q"), take("<Q")
+            n_tensors, n_kv = r.take("<Q"), r.take("<Q")
             alignment = 32
             for _ in range(n_kv):
-                key, kind = string(), take("<I")
-                v = value(kind)
+                key, kind = r.string(), r.take("<I")
+                v = r.value(kind)
                 if key == b"general.alignment" and isinstance(v, int) and v > 0:
                     alignment = v
             end = 0
             for _ in range(n_tensors):
-                string()
-                dims = [take("<Q") for _ in range(take("<I"))]
-                ggml_type, offset = take("<I"), take("<Q")
+                r.string()
+                dims = [r.take("<Q") for _ in range(r.take("<I"))]
+                ggml_type, offset = r.take("<I"), r.take("<Q")
                 block = blocks.get(ggml_type)
                 if block is not None:  # a type newer than the gguf package: its size is unknown, so not checked
                     numel = 1
@@ -191,11 +154,54 @@ def check_gguf(path: Path) -> None:
             raise ModelSourceError(
                 f"{path} ends inside its header ({size:,} bytes): the file is truncated or corrupt; {fix}"
             ) from None
-        needed = -(-pos // alignment) * alignment + end
+        needed = -(-r.pos // alignment) * alignment + end
         if size < needed:
             raise ModelSourceError(
                 f"{path} is truncated: its tensors need {needed:,} bytes but the file has {size:,}; {fix}"
             )
+
+
+class _GGUFHeader:
+    """A cursor over a GGUF header that raises _GGUFTruncated instead of reading past the end of the file."""
+
+    def __init__(self, buf: Any, size: int, path: Path, fix: str):
+        self.buf, self.size, self.path, self.fix = buf, size, path, fix
+        self.pos = 4  # after the magic
+
+    def take(self, fmt: str) -> Any:
+        width = struct.calcsize(fmt)
+        if self.pos + width > self.size:
+            raise _GGUFTruncated
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += width
+        return value
+
+    def skip(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise _GGUFTruncated
+        self.pos += n
+
+    def string(self) -> bytes:
+        n = self.take("<Q")
+        start = self.pos
+        self.skip(n)
+        return bytes(self.buf[start : self.pos])
+
+    def value(self, kind: int) -> Any:
+        """A metadata value: strings and scalars are read, arrays skipped (None)."""
+        if kind == _GGUF_STRING:
+            return self.string()
+        if kind == _GGUF_ARRAY:
+            item, count = self.take("<I"), self.take("<Q")
+            if item in _GGUF_WIDTH:
+                self.skip(count * _GGUF_WIDTH[item])
+            else:
+                for _ in range(count):
+                    self.value(item)
+            return None
+        if kind not in _GGUF_WIDTH:
+            raise ModelSourceError(f"{self.path} is corrupt: metadata value type {kind} does not exist; {self.fix}")
+        return self.take({1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[_GGUF_WIDTH[kind]])
 
 
 def check_weights(folder: Path) -> None:

@@ -1,13 +1,11 @@
-"""`ffnfusion run`'s configuration: run.yaml and command-line overrides, every stage section validated against
-that stage's own options, and the run's defaults (stages, what each reads and writes, the heal budget)."""
+"""`ffnfusion run`'s configuration: run.yaml and command-line overrides, every stage section validated by that
+stage's settings model (the declaration its CLI options are made from), and the run's defaults (stages, what each
+reads and writes, the heal budget)."""
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -107,78 +105,51 @@ class RunConfig(BaseModel):
             raise RunConfigError("Invalid run configuration:\n  - " + "\n  - ".join(problems))
 
 
-def _params(fn: Callable[..., Any], exclude: set[str]) -> set[str]:
-    return {p for p in inspect.signature(fn).parameters if p not in exclude}
+def stage_models() -> dict[str, tuple[type[BaseModel], ...]]:
+    """The settings models each stage section is validated by: the stage's own declaration of its options.
+
+    What `run` wires itself (the model, the output, progress and logging, --force-plan, heal's --resume and
+    checkpoint folder) is no field of them, so a section cannot set it.
+    """
+    from ffnfusion.analyze.settings import AnalyzeSettings
+    from ffnfusion.bench.settings import BenchSettings
+    from ffnfusion.eval.settings import EvalSettings
+    from ffnfusion.fuse_settings import FuseSettings
+    from ffnfusion.heal.settings import HealRun, HealSettings
+    from ffnfusion.plan.settings import PlanSettings
+
+    return {
+        "analyze": (AnalyzeSettings,),
+        "plan": (PlanSettings,),
+        "fuse": (FuseSettings,),
+        "heal": (HealSettings, HealRun),
+        "eval": (EvalSettings,),
+        "bench": (BenchSettings,),
+    }
 
 
 def stage_options() -> dict[str, set[str]]:
-    """Options each stage section accepts: the stage function's parameters, minus those `run` wires itself."""
-    from ffnfusion.analyze import analyze
-    from ffnfusion.bench.stage import bench
-    from ffnfusion.eval.stage import evaluate
-    from ffnfusion.fuse import fuse
-    from ffnfusion.heal.settings import HealSettings
-    from ffnfusion.heal.stage import heal
-    from ffnfusion.plan.search import search_plan
-
-    # force_plan: the run makes its own plan from its own model, so a mismatch is always an error there.
-    wired = {"model", "out", "overwrite", "log", "show_progress", "progress", "callbacks", "command", "force_plan"}
-    return {
-        "analyze": _params(analyze, wired),
-        "plan": _params(search_plan, {"analysis", "rescore", "costs", "fuse", "fixed_parallel"})
-        | {"iterative", "costs", "recipe", "measure_recipes", "max_pairs"},
-        "fuse": _params(fuse, wired | {"plan"}),
-        "heal": {f.name for f in fields(HealSettings)} | _params(heal, wired | {"student", "teacher", "settings"}),
-        "eval": _params(evaluate, wired | {"models", "reference", "labels"}),
-        "bench": _params(bench, wired | {"compare", "plan"}),
-    }
-
-
-def _stage_functions() -> dict[str, Any]:
-    from ffnfusion.analyze import analyze
-    from ffnfusion.bench.stage import bench
-    from ffnfusion.eval.stage import evaluate
-    from ffnfusion.fuse import fuse
-    from ffnfusion.heal.settings import HealSettings
-    from ffnfusion.heal.stage import heal
-    from ffnfusion.plan.search import search_plan
-
-    return {
-        "analyze": [analyze],
-        "plan": [search_plan],
-        "fuse": [fuse],
-        "heal": [HealSettings, heal],
-        "eval": [evaluate],
-        "bench": [bench],
-    }
+    """Options each stage section accepts: its settings models' fields."""
+    return {stage: {f for m in models for f in m.model_fields} for stage, models in stage_models().items()}
 
 
 def _type_problems(stage: str, options: dict[str, Any]) -> list[str]:
-    """Options whose value does not have the type the stage function declares (e.g. `samples: many`)."""
-    import typing
-
-    from pydantic import TypeAdapter
-
-    hints: dict[str, Any] = {}
-    for fn in _stage_functions()[stage]:
-        try:
-            hints.update(typing.get_type_hints(fn))
-        except Exception:  # an annotation that cannot be resolved here: leave those options to the stage
-            continue
+    """Options whose value does not have the type the stage's settings declare (e.g. `samples: many`)."""
     problems = []
-    for name, value in options.items():
-        if name not in hints or (stage == "heal" and name == "data"):
-            continue
+    for model in stage_models()[stage]:
+        given = {k: v for k, v in options.items() if k in model.model_fields}
         try:
-            adapter = TypeAdapter(hints[name], config=ConfigDict(arbitrary_types_allowed=True))
-        except Exception:  # a type pydantic cannot check (callables, tensors): left to the stage
-            continue
-        try:
-            adapter.validate_python(value, strict=True)
-        except ValidationError:
-            hint = hints[name]
-            shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-            problems.append(f"{stage}.{name}: {value!r} is not a valid {shown}")
+            model.model_validate(given, strict=True)
+        except ValidationError as e:
+            for err in e.errors():
+                name = str(err["loc"][0]) if err["loc"] else ""
+                if err["type"] == "missing" or name not in given:  # `run` supplies the required ones (heal.data)
+                    continue
+                hint = model.model_fields[name].annotation
+                shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+                problem = f"{stage}.{name}: {given[name]!r} is not a valid {shown}"
+                if problem not in problems:
+                    problems.append(problem)
     return problems
 
 

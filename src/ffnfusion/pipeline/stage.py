@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +39,8 @@ from ffnfusion.pipeline.config import (
     RunConfig,
     RunConfigError,
     _key,
-    _positive,
-    _type_problems,
 )
+from ffnfusion.pipeline.preflight import preflight
 
 
 class Run:
@@ -135,73 +133,8 @@ class Run:
         return status
 
     def preflight(self, stages: list[str]) -> None:
-        """Check every input of the stages that will run (files, folders, option values) before the first starts.
-
-        Otherwise a wrong eval text path, say, is reported only after analyze, plan, fuse and heal have run. Only
-        cheap checks: headers of the model's weight files, existence of text and task files, option values.
-        """
-        from ffnfusion.data import check_text_source
-        from ffnfusion.io.device import parse_dtype, resolve_device
-        from ffnfusion.io.source import resolve_model
-
-        cfg = self.config
-        problems: list[str] = []
-        for stage in stages:
-            if stage != "report":
-                problems += _type_problems(stage, getattr(cfg, stage))
-        if problems:
-            raise RunConfigError("Invalid run configuration:\n  - " + "\n  - ".join(problems))
-        resolve_model(cfg.model)
-        if cfg.device is not None:
-            resolve_device(cfg.device)
-        a, pl, f, h, e, b = cfg.analyze, cfg.plan, cfg.fuse, cfg.heal, cfg.eval, cfg.bench
-        if "analyze" in stages:
-            check_text_source(a.get("data", cfg.data), "data")
-            _positive(problems, "analyze", a, {"samples": 1, "seq_len": 2, "max_window": 2, "batch_size": 1})
-            if a.get("dtype") not in (None, "auto"):
-                parse_dtype(a["dtype"])
-        if "plan" in stages and pl.get("costs"):
-            costs = Path(pl["costs"]).expanduser()
-            if not costs.is_file():
-                what = "is a directory" if costs.is_dir() else "not found"
-                problems.append(f"plan.costs: {costs} {what}; give a JSON file of measured costs")
-        if "fuse" in stages and f.get("dtype"):
-            parse_dtype(f["dtype"])
-        if "heal" in stages:
-            from ffnfusion.heal.settings import HealSettings
-
-            data = h.get("data", [cfg.data])
-            for spec in [data] if isinstance(data, str) else data:
-                check_text_source(spec, "heal.data")
-            names = {field.name for field in fields(HealSettings)}
-            options = {"data": [data] if isinstance(data, str) else data, "seed": cfg.seed}
-            HealSettings(**{**{k: v for k, v in h.items() if k in names}, **options}).check()
-        if "eval" in stages:
-            from ffnfusion.eval.stage import resolve_tasks
-            from ffnfusion.eval.tasks import LOCAL_TASKS, check_task_files
-
-            text = e.get("data", cfg.eval_data or (None if cfg.data == "self" else cfg.data))
-            if text is not None:
-                check_text_source(text, "eval.data" if "data" in e else "eval_data")
-            _positive(problems, "eval", e, {"context_len": 2, "limit": 1, "max_tokens": 2, "batch_size": 1})
-            parse_dtype(e.get("dtype", "float32"))
-            folder = e.get("task_data_dir")
-            if folder is not None and not Path(folder).expanduser().is_dir():
-                what = "is a file" if Path(folder).expanduser().exists() else "not found"
-                problems.append(f"eval.task_data_dir: {folder} {what}; give the folder holding the task files")
-            elif e.get("tasks"):
-                tasks = e["tasks"].split(",") if isinstance(e["tasks"], str) else list(e["tasks"])
-                resolved = resolve_tasks(tasks, folder)
-                local = {v: k for k, v in LOCAL_TASKS.items()}
-                if folder is not None:
-                    check_task_files([local[lm] for _, lm in resolved if lm in local], Path(folder).expanduser())
-        if "bench" in stages:
-            prompt = b.get("prompt_file")
-            if prompt is not None and not Path(prompt).expanduser().is_file():
-                problems.append(f"bench.prompt_file: {prompt} is not a file; give a text file to cut prompts from")
-            _positive(problems, "bench", b, {"prompt_len": 1, "new_tokens": 1, "repeats": 1})
-        if problems:
-            raise RunConfigError("Invalid run configuration:\n  - " + "\n  - ".join(problems))
+        """Check every input of the stages that will run before the first starts (see `pipeline.preflight`)."""
+        preflight(self.config, stages)
 
     def _skip_reason(self, stage: str, skip: set[str]) -> str | None:
         if stage in skip:
@@ -257,48 +190,28 @@ class Run:
 
     def _plan(self) -> None:
         from ffnfusion.analyze import load_analysis
-        from ffnfusion.analyze.rescore import iterative_rescorer
+        from ffnfusion.analyze.rescore import iterative_rescorer, recipe_measurer
         from ffnfusion.plan.costs import CostModel
-        from ffnfusion.plan.search import search_plan, write_plan
+        from ffnfusion.plan.search import write_plan
+        from ffnfusion.plan.settings import PlanSettings
+        from ffnfusion.plan.stage import choose_plan
 
         analysis = load_analysis(self.path("analysis"))
-        options = dict(self.config.plan)
-        rescore = (
-            iterative_rescorer(analysis, model=self.config.model, log=self.log)
-            if options.pop("iterative", False)
-            else None
-        )
-        costs = options.pop("costs", None)
-        cost_model = CostModel.load(costs, analysis) if costs else None
-        recipe, measure, max_pairs = (
-            options.pop("recipe", None),
-            options.pop("measure_recipes", False),
-            options.pop("max_pairs", 4),
-        )
-        if "target_depth" in options and not {"remove_attention", "max_kl"} & options.keys():
-            # Recipes compared at the target depth (as `plan --target-depth` does); the best predicted KL wins.
-            from ffnfusion.analyze.rescore import recipe_measurer
-            from ffnfusion.plan.recipes import compare_recipes
-
-            options.pop("max_parallel", None)
-            comparison = compare_recipes(
-                analysis,
-                recipe=recipe or "auto",
-                costs=cost_model,
-                rescore=rescore,
-                measure=recipe_measurer(analysis, model=self.config.model, log=self.log) if measure else None,
-                max_pairs=max_pairs,
-                **options,
-            )
-            result = comparison.result
+        s = PlanSettings(**self.config.plan)
+        model = self.config.model
+        rescore = iterative_rescorer(analysis, model=model, log=self.log) if s.iterative else None
+        cost_model = CostModel.load(s.costs, analysis) if s.costs else None
+        depth_alone = s.target_depth is not None and s.remove_attention is None and s.max_kl is None
+        if (s.recipe is not None or s.measure_recipes) and not depth_alone:
+            raise ValueError("plan.recipe and plan.measure_recipes need plan.target_depth (and no other budget)")
+        if s.remove_attention is None and s.max_kl is None and s.target_depth is None:
+            # A first run's budget: a quarter of the attention sub-blocks, as a starting point to look at.
+            s = s.model_copy(update={"remove_attention": max(1, analysis.num_layers // 4)})
+        # At a target depth alone, recipes are compared (as `plan --target-depth` does); the best predicted KL wins.
+        measure = recipe_measurer(analysis, model=model, log=self.log) if s.measure_recipes else None
+        result, comparison = choose_plan(analysis, s, cost_model, rescore, measure)
+        if comparison is not None:
             self.log(f"plan: recipe {comparison.chosen.name} ({comparison.why})")
-        else:
-            if recipe is not None or measure:
-                raise ValueError("plan.recipe and plan.measure_recipes need plan.target_depth (and no other budget)")
-            if not {"remove_attention", "max_kl", "target_depth"} & options.keys():
-                # A first run's budget: a quarter of the attention sub-blocks, as a starting point to look at.
-                options["remove_attention"] = max(1, analysis.num_layers // 4)
-            result = search_plan(analysis, costs=cost_model, rescore=rescore, **options)
         write_plan(result.plan, self.path("plan.json"), overwrite=True)
         p = result.plan
         self.log(
@@ -320,7 +233,7 @@ class Run:
         from ffnfusion.heal.stage import heal
 
         cfg = self.config
-        setting_names = {f.name for f in fields(HealSettings)}
+        setting_names = set(HealSettings.model_fields)
         options = self.heal_options()
         settings = HealSettings(**{k: v for k, v in options.items() if k in setting_names})
         extra = {k: v for k, v in options.items() if k not in setting_names}

@@ -182,12 +182,7 @@ def compare_recipes(
     log: Callable[[str], None] | None = None,
 ) -> RecipeComparison:
     """Build every recipe at `target_depth`, predict (or measure) its KL, and pick one (see the module docstring)."""
-    if recipe not in CHOICES:
-        raise ValueError(f"--recipe must be one of {', '.join(CHOICES)} (got {recipe!r}).")
-    if target_depth is None or target_depth < 1:
-        raise ValueError(f"recipes are compared at a --target-depth of at least 1 (got {target_depth}).")
-    if max_pairs < 1:
-        raise ValueError(f"--max-pairs must be at least 1 (got {max_pairs}).")
+    _check_settings(recipe, target_depth, max_pairs)
     say = log or (lambda _msg: None)
     n = analysis.num_layers
     costs = costs or CostModel.analytic(analysis)
@@ -220,6 +215,34 @@ def compare_recipes(
 
     recipes = [searched("attention", fuse=False), searched("fusion", fuse=True)]
 
+    recipes.append(_parallel_recipe(analysis, searched, target_depth, parallel_threshold, max_pairs))
+    recipes.append(layer_drop(analysis, target_depth, scale, finish))
+    for r in recipes:
+        if not r.reached and not r.note:
+            r.note = f"reaches {r.depth} sub-blocks, not {target_depth}"
+
+    chosen, why = _choose(recipes, recipe, measured, target_depth)
+    return RecipeComparison(chosen, recipes, why, _result(analysis, chosen, recipes, why, target_depth, costs, common))
+
+
+def _check_settings(recipe: str, target_depth: int | None, max_pairs: int) -> None:
+    if recipe not in CHOICES:
+        raise ValueError(f"--recipe must be one of {', '.join(CHOICES)} (got {recipe!r}).")
+    if target_depth is None or target_depth < 1:
+        raise ValueError(f"recipes are compared at a --target-depth of at least 1 (got {target_depth}).")
+    if max_pairs < 1:
+        raise ValueError(f"--max-pairs must be at least 1 (got {max_pairs}).")
+
+
+def _parallel_recipe(
+    analysis: Analysis,
+    searched: Callable[..., Recipe],
+    target_depth: int,
+    parallel_threshold: float | None,
+    max_pairs: int,
+) -> Recipe:
+    """The best of the parallel recipes with 1..max_pairs pairs, or a "not built" one that says why there is none."""
+    n = analysis.num_layers
     pairs = _candidate_pairs(analysis, parallel_threshold)
     most = min(max_pairs, len(pairs), max(0, (2 * n - target_depth) // 2))
     variants = [searched("parallel", fuse=True, pairs=sorted(pairs[:k])) for k in range(1, most + 1)]
@@ -230,23 +253,20 @@ def compare_recipes(
             for v in variants
         ]
         best.note = f"best of {len(variants)} pair counts (1..{most}), pairs by lowest block dependency"
-        recipes.append(best)
+        return best
+    if 2 * n - target_depth < 2:
+        why = f"a parallel pair saves 2 sub-blocks; depth {target_depth} saves {2 * n - target_depth}"
+    elif analysis.model.has_o_bias:
+        why = "parallel blocks are not supported with an o_proj bias"
     else:
-        if 2 * n - target_depth < 2:
-            why = f"a parallel pair saves 2 sub-blocks; depth {target_depth} saves {2 * n - target_depth}"
-        elif analysis.model.has_o_bias:
-            why = "parallel blocks are not supported with an o_proj bias"
-        else:
-            why = "no pair of intact equal-width layers"
-            if parallel_threshold is not None:
-                why += f" with block dependency <= {parallel_threshold}"
-        recipes.append(Recipe("parallel", Plan(), 2 * n, 0.0, 0.0, float("inf"), "not built", 0.0, False, note=why))
+        why = "no pair of intact equal-width layers"
+        if parallel_threshold is not None:
+            why += f" with block dependency <= {parallel_threshold}"
+    return Recipe("parallel", Plan(), 2 * n, 0.0, 0.0, float("inf"), "not built", 0.0, False, note=why)
 
-    recipes.append(layer_drop(analysis, target_depth, scale, finish))
-    for r in recipes:
-        if not r.reached and not r.note:
-            r.note = f"reaches {r.depth} sub-blocks, not {target_depth}"
 
+def _choose(recipes: list[Recipe], recipe: str, measured: bool, target_depth: int) -> tuple[Recipe, str]:
+    """The recipe to write (forced by --recipe, or the lowest KL at the depth) and why."""
     reached = [r for r in recipes if r.reached]
     if recipe != "auto":
         chosen = next(r for r in recipes if r.name == recipe)
@@ -260,7 +280,7 @@ def compare_recipes(
     else:
         chosen = min(recipes, key=lambda r: (r.depth, r.kl))
         why = f"no recipe reaches depth {target_depth}; the shallowest one"
-    return RecipeComparison(chosen, recipes, why, _result(analysis, chosen, recipes, why, target_depth, costs, common))
+    return chosen, why
 
 
 def layer_drop(analysis: Analysis, target_depth: int, scale: float, finish: Callable[..., Recipe]) -> Recipe:

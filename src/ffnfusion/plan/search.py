@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,48 @@ def search_plan(
     For the recipes (`plan.recipes`): `fuse=False` removes attention only, and `fixed_parallel` gives parallel
     blocks chosen beforehand (their layers keep attention and stay out of fusion groups).
     """
+    _check_budgets(remove_attention, max_kl, max_group, max_parallel, target_depth)
+    n = analysis.num_layers
+    costs = costs or CostModel.analytic(analysis)
+    widths = analysis.model.ffn_widths
+
+    def make(removed: set[int]) -> Plan:
+        args = (max_group, fuse_last, max_dependency, parallel_threshold, max_parallel, fuse, fixed_parallel)
+        return build_plan(analysis, removed, *args)
+
+    keep = {i for g in fixed_parallel or [] for i in g}
+    if keep & set(analysis.settings.remove_attention):
+        raise ValueError(
+            f"parallel blocks {fixed_parallel} need whole layers, but the analysis removed attention there"
+        )
+    plan, removed, kl, steps = _remove_attention(analysis, make, keep, remove_attention, max_kl, target_depth, rescore)
+    depth_after = depth(plan, n)
+    warnings = _budget_warnings(analysis, removed, depth_after, remove_attention, target_depth)
+    engine_widths = all(w % ENGINE_WIDTH_MULTIPLE == 0 for w in widths)
+    validate_plan(plan, n, widths, require_engine_widths=engine_widths, has_o_bias=analysis.model.has_o_bias)
+
+    depth_before = depth(Plan(), n)
+    latency_before = costs.latency_ms(plan_blocks(Plan(), n), widths)
+    latency_after = costs.latency_ms(plan_blocks(plan, n), widths)
+    budgets = dict(
+        remove_attention=remove_attention,
+        max_kl=max_kl,
+        max_group=max_group,
+        target_depth=target_depth,
+        fuse_last=fuse_last,
+        max_dependency=max_dependency,
+        parallel_threshold=parallel_threshold,
+        max_parallel=max_parallel,
+    )
+    latency = _latency_info(latency_before, latency_after, costs)
+    depths = {"original": depth_before, "plan": depth_after}
+    plan.info = _info(analysis, plan, steps, kl, rescore is not None, budgets, depths, latency, warnings)
+    return PlanSearch(plan, steps, depth_before, depth_after, latency_before, latency_after, warnings)
+
+
+def _check_budgets(
+    remove_attention: int | None, max_kl: float | None, max_group: int, max_parallel: int, target_depth: int | None
+) -> None:
     if remove_attention is not None and max_kl is not None:
         raise ValueError("give either --remove-attention N or --max-kl X, not both.")
     if remove_attention is not None and remove_attention < 0:
@@ -191,37 +233,28 @@ def search_plan(
         raise ValueError(f"--max-group must be at least 2 (got {max_group}): a group of one fuses nothing.")
     if max_parallel < 2:
         raise ValueError(f"--max-parallel must be at least 2 (got {max_parallel}).")
-    n = analysis.num_layers
     if target_depth is not None and target_depth < 1:
         raise ValueError(f"--target-depth must be at least 1 (got {target_depth}).")
-    costs = costs or CostModel.analytic(analysis)
-    widths = analysis.model.ffn_widths
 
-    def make(removed: set[int]) -> Plan:
-        return build_plan(
-            analysis,
-            removed,
-            max_group,
-            fuse_last,
-            max_dependency,
-            parallel_threshold,
-            max_parallel,
-            fuse,
-            fixed_parallel,
-        )
 
-    keep = {i for g in fixed_parallel or [] for i in g}
-    if keep & set(analysis.settings.remove_attention):
-        raise ValueError(
-            f"parallel blocks {fixed_parallel} need whole layers, but the analysis removed attention there"
-        )
+def _remove_attention(
+    analysis: Analysis,
+    make: Callable[[set[int]], Plan],
+    keep: set[int],
+    remove_attention: int | None,
+    max_kl: float | None,
+    target_depth: int | None,
+    rescore: Rescorer | None,
+) -> tuple[Plan, set[int], float, list[tuple[int, float]]]:
+    """Greedy: remove the attention sub-block of least KL until a budget is met; the plan rebuilt after each step.
 
-    base = set(analysis.settings.remove_attention)
-    removed = set(base)
+    Returns the plan, the removed layers, the predicted KL and the (layer, KL) steps in removal order.
+    """
+    n = analysis.num_layers
+    removed = set(analysis.settings.remove_attention)
     static = analysis.kl_by_layer()
     kl = analysis.base_kl
     steps: list[tuple[int, float]] = []
-    warnings: list[str] = []
     plan = make(removed)
     budgeted = remove_attention is not None or max_kl is not None or target_depth is not None
     while budgeted:
@@ -242,8 +275,15 @@ def search_plan(
         kl = next_kl
         steps.append((layer, next_kl))
         plan = make(removed)
+    return plan, removed, kl, steps
 
-    depth_after = depth(plan, n)
+
+def _budget_warnings(
+    analysis: Analysis, removed: set[int], depth_after: int, remove_attention: int | None, target_depth: int | None
+) -> list[str]:
+    """The budgets the search could not meet (recorded in plan.json)."""
+    base = set(analysis.settings.remove_attention)
+    warnings: list[str] = []
     if target_depth is not None and depth_after > target_depth:
         warnings.append(
             f"target depth {target_depth} not reached (predicted {depth_after}): the attention budget or the "
@@ -256,40 +296,17 @@ def search_plan(
             f"the analysis was measured with {len(base)} attention sub-blocks already removed, more than the budget "
             f"of {remove_attention}; they stay removed"
         )
-    engine_widths = all(w % ENGINE_WIDTH_MULTIPLE == 0 for w in widths)
-    validate_plan(plan, n, widths, require_engine_widths=engine_widths, has_o_bias=analysis.model.has_o_bias)
+    return warnings
 
-    original = Plan()
-    depth_before = depth(original, n)
-    latency_before = costs.latency_ms(plan_blocks(original, n), widths)
-    latency_after = costs.latency_ms(plan_blocks(plan, n), widths)
-    plan.info = _info(
-        analysis,
-        plan,
-        steps,
-        kl,
-        rescore is not None,
-        dict(
-            remove_attention=remove_attention,
-            max_kl=max_kl,
-            max_group=max_group,
-            target_depth=target_depth,
-            fuse_last=fuse_last,
-            max_dependency=max_dependency,
-            parallel_threshold=parallel_threshold,
-            max_parallel=max_parallel,
-        ),
-        {"original": depth_before, "plan": depth_after},
-        {
-            "unit": "ms per decode step",
-            "original": round(latency_before, 6),
-            "plan": round(latency_after, 6),
-            "speedup": round(latency_before / latency_after, 4) if latency_after else None,
-            "cost_model": costs.model_dump(),
-        },
-        warnings,
-    )
-    return PlanSearch(plan, steps, depth_before, depth_after, latency_before, latency_after, warnings)
+
+def _latency_info(before: float, after: float, costs: CostModel) -> dict[str, Any]:
+    return {
+        "unit": "ms per decode step",
+        "original": round(before, 6),
+        "plan": round(after, 6),
+        "speedup": round(before / after, 4) if after else None,
+        "cost_model": costs.model_dump(),
+    }
 
 
 def _info(

@@ -120,6 +120,29 @@ def build_report(folder: str | Path) -> str:
         raise ReportError(
             f"{folder} holds none of analysis/analysis.json, plan.json, eval.json, bench.json: nothing to report."
         )
+    lines = _header(folder, analysis, plan, eval_json, bench_json, run_json)
+    depth: dict[str, int] = {}
+    n = _num_layers(folder, analysis, plan) if plan is not None else None
+    if plan is not None and n is not None:
+        depth = {"original": 2 * n, "fused": sequential_sub_blocks(plan_blocks(plan, n))}
+        lines += _plan_section(folder, plan, n, depth)
+    if analysis is not None:
+        lines += _analysis_section(folder, analysis)
+    lines += _quality_section(eval_json)
+    healed_curve = folder / "healed" / "loss_curve.png"
+    if healed_curve.is_file():
+        lines += ["## Healing", "", "![healing loss](healed/loss_curve.png)", ""]
+    lines += _speed_section(bench_json)
+    tradeoff = plot_tradeoff(_perplexities(eval_json), _decode_ms(bench_json), depth, folder / "tradeoff.png")
+    if tradeoff:
+        lines += ["## Accuracy vs latency", "", "![quality vs speed](tradeoff.png)", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _header(
+    folder: Path, analysis: Any, plan: Plan | None, eval_json: Any, bench_json: Any, run_json: Any
+) -> list[str]:
+    """Title, build date, and which stage outputs the folder lacks."""
     model_name = (analysis or {}).get("model", {}).get("name") or (run_json or {}).get("config", {}).get("model")
     title = Path(model_name).name if model_name else folder.name
     lines = [f"# FFN Fusion report: {title}", ""]
@@ -139,70 +162,65 @@ def build_report(folder: str | Path) -> str:
     if missing:
         lines.append(f"Not available: {', '.join(missing)}.")
     lines.append("")
+    return lines
 
-    depth: dict[str, int] = {}
-    n = _num_layers(folder, analysis, plan) if plan is not None else None
-    if plan is not None and n is not None:
-        blocks = plan_blocks(plan, n)
-        depth = {"original": 2 * n, "fused": sequential_sub_blocks(blocks)}
-        from ffnfusion.report.diagram import plot_plan
 
-        plot_plan(plan, n, folder / "plan.png")
-        lines += [
-            "## Model and plan",
-            "",
-            f"- layers: {n} -> {len(blocks)} blocks; sequential sub-blocks {depth['original']} -> {depth['fused']}",
-            f"- attention removed in layers {plan.remove_attention or '-'}",
-            f"- FFN groups fused: {plan.fuse_ffn or '-'}",
-        ]
-        if plan.remove_ffn:
-            lines.append(f"- FFNs removed: {plan.remove_ffn}")
-        if plan.parallel_blocks:
-            lines.append(f"- blocks run in parallel: {plan.parallel_blocks}")
-        predicted = plan.info.get("predicted", {}) if plan.info else {}
-        if latency := predicted.get("latency"):
-            lines.append(f"- predicted latency speedup (cost model): {latency.get('speedup', float('nan')):.3f}x")
-        lines += ["", "![plan](plan.png)", ""]
+def _plan_section(folder: Path, plan: Plan, n: int, depth: dict[str, int]) -> list[str]:
+    """The plan in words and as plan.png (written here)."""
+    from ffnfusion.report.diagram import plot_plan
 
-    if analysis is not None:
-        lines += ["## Dependency analysis", ""]
-        calib = analysis.get("calibration", {})
-        lines.append(
-            f"Calibration: `{calib.get('data')}`, {calib.get('samples')} x {calib.get('seq_len')} tokens. "
-            "M[i, j] = 1 - cos(h_j, h_j with i removed): low values mean little dependency (good fusion candidates)."
-        )
-        lines.append("")
-        for png in sorted((folder / "analysis").glob("*.png")):
-            lines += [f"![{png.stem}](analysis/{png.name})", ""]
+    blocks = plan_blocks(plan, n)
+    plot_plan(plan, n, folder / "plan.png")
+    lines = [
+        "## Model and plan",
+        "",
+        f"- layers: {n} -> {len(blocks)} blocks; sequential sub-blocks {depth['original']} -> {depth['fused']}",
+        f"- attention removed in layers {plan.remove_attention or '-'}",
+        f"- FFN groups fused: {plan.fuse_ffn or '-'}",
+    ]
+    if plan.remove_ffn:
+        lines.append(f"- FFNs removed: {plan.remove_ffn}")
+    if plan.parallel_blocks:
+        lines.append(f"- blocks run in parallel: {plan.parallel_blocks}")
+    predicted = plan.info.get("predicted", {}) if plan.info else {}
+    if latency := predicted.get("latency"):
+        lines.append(f"- predicted latency speedup (cost model): {latency.get('speedup', float('nan')):.3f}x")
+    return [*lines, "", "![plan](plan.png)", ""]
 
-    lines += ["## Quality", ""]
-    if eval_json:
-        from ffnfusion.eval.stage import markdown_table
 
-        lines += [markdown_table(eval_json), ""]
-        settings = eval_json["settings"]
-        lines.append(f"Text: `{settings.get('data')}`; reference for KL/top-1: `{eval_json.get('reference')}`.")
-        lines.append("")
-    else:
-        lines += ["No eval.json: run `ffnfusion eval`.", ""]
+def _analysis_section(folder: Path, analysis: dict[str, Any]) -> list[str]:
+    lines = ["## Dependency analysis", ""]
+    calib = analysis.get("calibration", {})
+    lines.append(
+        f"Calibration: `{calib.get('data')}`, {calib.get('samples')} x {calib.get('seq_len')} tokens. "
+        "M[i, j] = 1 - cos(h_j, h_j with i removed): low values mean little dependency (good fusion candidates)."
+    )
+    lines.append("")
+    for png in sorted((folder / "analysis").glob("*.png")):
+        lines += [f"![{png.stem}](analysis/{png.name})", ""]
+    return lines
 
-    healed_curve = folder / "healed" / "loss_curve.png"
-    if healed_curve.is_file():
-        lines += ["## Healing", "", "![healing loss](healed/loss_curve.png)", ""]
 
-    lines += ["## Speed", ""]
-    if bench_json:
-        from ffnfusion.bench.stage import markdown_table as bench_table
+def _quality_section(eval_json: Any) -> list[str]:
+    lines = ["## Quality", ""]
+    if not eval_json:
+        return [*lines, "No eval.json: run `ffnfusion eval`.", ""]
+    from ffnfusion.eval.stage import markdown_table
 
-        device = bench_json.get("device", "?")
-        lines += [f"Device: {device}; dtype {bench_json.get('dtype')}.", "", bench_table(bench_json), ""]
-    else:
-        lines += ["No bench.json: run `ffnfusion bench` on a GPU (skipped on CPU).", ""]
+    lines += [markdown_table(eval_json), ""]
+    settings = eval_json["settings"]
+    lines.append(f"Text: `{settings.get('data')}`; reference for KL/top-1: `{eval_json.get('reference')}`.")
+    lines.append("")
+    return lines
 
-    tradeoff = plot_tradeoff(_perplexities(eval_json), _decode_ms(bench_json), depth, folder / "tradeoff.png")
-    if tradeoff:
-        lines += ["## Accuracy vs latency", "", "![quality vs speed](tradeoff.png)", ""]
-    return "\n".join(lines).rstrip() + "\n"
+
+def _speed_section(bench_json: Any) -> list[str]:
+    if not bench_json:
+        return ["## Speed", "", "No bench.json: run `ffnfusion bench` on a GPU (skipped on CPU).", ""]
+    from ffnfusion.bench.table import markdown_table as bench_table
+
+    device = bench_json.get("device", "?")
+    return ["## Speed", "", f"Device: {device}; dtype {bench_json.get('dtype')}.", "", bench_table(bench_json), ""]
 
 
 def _inline_images(page: str, folder: Path) -> str:
