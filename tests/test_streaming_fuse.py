@@ -232,18 +232,18 @@ def test_killed_run_leaves_no_output_and_the_next_run_cleans_up(sharded, tmp_pat
     script = textwrap.dedent(
         f"""
         import os, signal
-        import ffnfusion.io.checkpoint as checkpoint
+        import ffnfusion.io.shards as shards
         from ffnfusion.fuse import fuse
         from ffnfusion.formats.plan import Plan
 
-        real, calls = checkpoint._pwrite_all, 0
+        real, calls = shards._pwrite_all, 0
         def dying(fd, data, offset):
             global calls
             calls += 1
             if calls == 15:
                 os.kill(os.getpid(), signal.SIGKILL)
             real(fd, data, offset)
-        checkpoint._pwrite_all = dying
+        shards._pwrite_all = dying
         fuse({str(sharded["bf16"])!r}, Plan.model_validate_json({PLAN.model_dump_json()!r}), {str(out)!r},
              max_shard_bytes={SHARD})
         """
