@@ -143,12 +143,16 @@ if triton is not None:
     def _rope_store_kernel(
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
         stride_qkv, stride_cb, stride_ch, stride_cl, seq, n_heads, n_kv,
-        HALF: tl.constexpr,
+        HALF: tl.constexpr, PER_ROW: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         head = tl.program_id(1)
-        b = row // seq
-        p = tl.load(pos_ptr) + row % seq
+        if PER_ROW:  # one token per row, each at its own position (the sampler's continuous batching)
+            b = row
+            p = tl.load(pos_ptr + row)
+        else:  # rows of `seq` tokens from one start position shared by the batch
+            b = row // seq
+            p = tl.load(pos_ptr) + row % seq
         offs = tl.arange(0, HALF)
         dim = 2 * HALF
         dtype = q_ptr.dtype.element_ty
@@ -282,7 +286,7 @@ class TritonOps:
         _rope_store_kernel[(batch * seq, heads + kv_heads)](
             qkv, cos, sin, pos, q_out, k_cache, v_cache,
             qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), seq, heads, kv_heads,
-            HALF=d // 2, num_warps=1,
+            HALF=d // 2, PER_ROW=False, num_warps=1,
             enable_fp_fusion=False,  # an FMA would skip eager's rounding of x * cos before the add
         )  # fmt: skip
 

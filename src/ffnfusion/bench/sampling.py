@@ -26,42 +26,7 @@ from ffnfusion.bench.kernels import TritonOps, rotate_half, triton
 if triton is not None:
     import triton.language as tl
 
-    from ffnfusion.bench.kernels import _decode_combine_kernel, _pow2
-
-    @triton.jit
-    def _row_rope_store_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
-        stride_qkv, stride_cb, stride_ch, stride_cl, n_heads, n_kv,
-        HALF: tl.constexpr,
-    ):  # fmt: skip
-        # kernels._rope_store_kernel with one position per row (one token per row).
-        row = tl.program_id(0)
-        head = tl.program_id(1)
-        p = tl.load(pos_ptr + row)
-        offs = tl.arange(0, HALF)
-        dim = 2 * HALF
-        dtype = q_ptr.dtype.element_ty
-        c1 = tl.load(cos_ptr + p * dim + offs).to(tl.float32)
-        c2 = tl.load(cos_ptr + p * dim + HALF + offs).to(tl.float32)
-        s1 = tl.load(sin_ptr + p * dim + offs).to(tl.float32)
-        s2 = tl.load(sin_ptr + p * dim + HALF + offs).to(tl.float32)
-        src = qkv_ptr + row * stride_qkv + head * dim
-        x1 = tl.load(src + offs).to(tl.float32)
-        x2 = tl.load(src + HALF + offs).to(tl.float32)
-        o1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
-        o2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
-        if head < n_heads:
-            dst = q_ptr + (row * n_heads + head) * dim
-            tl.store(dst + offs, o1)
-            tl.store(dst + HALF + offs, o2)
-        else:
-            kv = head - n_heads
-            slot = row * stride_cb + kv * stride_ch + p * stride_cl
-            tl.store(k_ptr + slot + offs, o1)
-            tl.store(k_ptr + slot + HALF + offs, o2)
-            vsrc = qkv_ptr + row * stride_qkv + (n_heads + n_kv + kv) * dim
-            tl.store(v_ptr + slot + offs, tl.load(vsrc + offs))
-            tl.store(v_ptr + slot + HALF + offs, tl.load(vsrc + HALF + offs))
+    from ffnfusion.bench.kernels import _decode_combine_kernel, _pow2, _rope_store_kernel
 
     @triton.jit
     def _row_decode_attn_kernel(
@@ -126,10 +91,10 @@ class RowPositionOps:
             raise ValueError("per-row positions take one token per row")
         heads, kv_heads, d = q_out.shape[1], k_cache.shape[1], q_out.shape[2]
         if self.triton:
-            _row_rope_store_kernel[(batch, heads + kv_heads)](
+            _rope_store_kernel[(batch, heads + kv_heads)](
                 qkv, cos, sin, pos, q_out, k_cache, v_cache,
-                qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), heads, kv_heads,
-                HALF=d // 2, num_warps=1, enable_fp_fusion=False,
+                qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1, heads, kv_heads,
+                HALF=d // 2, PER_ROW=True, num_warps=1, enable_fp_fusion=False,
             )  # fmt: skip
             return
         c = cos.index_select(0, pos)[:, None, :]
