@@ -13,8 +13,8 @@ from analysis_fakes import char_tokenizer, save_with_tokenizer
 from conftest import tiny_model
 from ffnfusion.bench.sampling import SamplingEngine, sample_from_logits
 from ffnfusion.cli import app
-from ffnfusion.data import calibration_tokens
-from ffnfusion.formats.corpus import CorpusError, open_corpus
+from ffnfusion.data import calibration_tokens, token_windows
+from ffnfusion.formats.corpus import CorpusError, CorpusRows, open_corpus
 from ffnfusion.formats.plan import Plan
 from ffnfusion.generate import GenerateSettings, PromptSource, generate
 from ffnfusion.surgery import fuse_model
@@ -201,6 +201,8 @@ def test_data_self_uses_the_engine_and_caches(tmp_path) -> None:
 
     b = calibration_tokens("self", tok, 6, 20, seed=3, model=never, model_key="k", cache_dir=tmp_path)
     assert torch.equal(a, b)
+    lazy = calibration_tokens("self", tok, 6, 20, seed=3, model=never, model_key="k", cache_dir=tmp_path, lazy=True)
+    assert isinstance(lazy, CorpusRows) and torch.equal(lazy[:], a)
 
 
 def test_a_corpus_folder_is_training_and_calibration_data(teacher, tmp_path) -> None:
@@ -218,8 +220,17 @@ def test_a_corpus_folder_is_training_and_calibration_data(teacher, tmp_path) -> 
     stream = np.asarray(open_corpus(out).sequences()).reshape(-1)
     for seq_len in (32, 16, 48):  # the corpus' own length, and cut again shorter and longer
         rows = packed_sequences(str(out), tok, seq_len)
+        # At the corpus' own length nothing is copied: rows are read from the shards as they are indexed.
+        assert isinstance(rows, CorpusRows) == (seq_len == 32)
+        rows = rows[:]
         assert rows.shape == (len(stream) // seq_len, seq_len)
         assert torch.equal(rows.reshape(-1), torch.from_numpy(stream[: rows.numel()].astype(np.int64)))
+    # A subset read lazily is the subset cut from the stream, and indexes like the tensor.
+    lazy = packed_sequences(str(out), tok, 32, max_sequences=5, seed=3)
+    cut = token_windows(torch.from_numpy(stream.astype(np.int64)), 5, 32, seed=3)
+    assert isinstance(lazy, CorpusRows) and lazy.shape == cut.shape == (5, 32) and len(lazy) == 5
+    assert torch.equal(lazy[:], cut) and torch.equal(lazy[3], cut[3]) and torch.equal(lazy[1:4], cut[1:4])
+    assert torch.equal(lazy[np.array([4, 0])], cut[[4, 0]]) and lazy[0].dtype == torch.long
     picked = calibration_tokens(str(out), tok, 5, 16, seed=3)
     windows = torch.from_numpy(stream[: len(stream) // 16 * 16].astype(np.int64)).view(-1, 16)
     assert all(any(torch.equal(p, w) for w in windows) for p in picked)
@@ -227,3 +238,37 @@ def test_a_corpus_folder_is_training_and_calibration_data(teacher, tmp_path) -> 
 
     with pytest.raises(CorpusError, match="another tokenizer"):
         packed_sequences(str(out), other_chars(), 32)
+
+
+def test_heal_reads_a_corpus_from_its_shards_with_the_same_result(teacher, tmp_path, monkeypatch) -> None:
+    """heal on a corpus at its own length trains on rows read from the shards batch by batch, and ends at the very
+    weights the copied-into-memory path reaches: same rows, same order, same steps."""
+    from safetensors.torch import load_file
+
+    import ffnfusion.data as data
+    import ffnfusion.heal.stage as heal_stage
+    from ffnfusion.fuse import fuse
+    from ffnfusion.heal.settings import HealSettings
+    from ffnfusion.heal.stage import heal
+
+    corpus = tmp_path / "corpus"
+    generate(teacher, corpus, GenerateSettings(**SMALL), log=lambda _: None)
+    fuse(teacher, Plan(remove_attention=[1], fuse_ffn=[[0, 1]]), tmp_path / "student")
+    settings = dict(data=[str(corpus)], seq_len=32, batch_size=2, max_steps=3, lr=1e-3, warmup=0, bf16=False)
+    seen = []
+    real = heal_stage._training_sequences
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(heal_stage, "_training_sequences", spy)
+    heal(tmp_path / "student", teacher, tmp_path / "lazy", HealSettings(**settings), progress=False)
+    monkeypatch.setattr(data, "corpus_rows", lambda *a: None)  # the stream cut and copied, as before
+    heal(tmp_path / "student", teacher, tmp_path / "copied", HealSettings(**settings), progress=False)
+    assert isinstance(seen[0], CorpusRows) and isinstance(seen[1], torch.Tensor)
+    lazy, copied = (load_file(tmp_path / name / "model.safetensors") for name in ("lazy", "copied"))
+    before = load_file(tmp_path / "student" / "model.safetensors")
+    assert lazy.keys() == copied.keys()
+    assert all(torch.equal(lazy[k], copied[k]) for k in lazy)
+    assert any(not torch.equal(lazy[k], before[k]) for k in lazy)  # it trained

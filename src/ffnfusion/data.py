@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ffnfusion.formats.corpus import CorpusRows
 from ffnfusion.io.cache import default_cache_dir
 from ffnfusion.io.output import write_atomic
 
@@ -111,6 +112,28 @@ def corpus_stream(spec: str | Path, tokenizer: Any) -> torch.Tensor | None:
     return torch.from_numpy(np.asarray(corpus.sequences()).reshape(-1).astype(np.int64))
 
 
+def corpus_rows(
+    spec: str | Path, tokenizer: Any, seq_len: int, max_sequences: int | None, seed: int
+) -> CorpusRows | None:
+    """The windows `packed_sequences` would cut from a corpus folder, unread (None: not a corpus of this seq_len).
+
+    A corpus' sequences are the consecutive `seq_len` windows of its stream, so at the same length they are those
+    windows: the same rows as cutting the stream, chosen the same way, without a copy.
+    """
+    from ffnfusion.formats.corpus import is_corpus, open_corpus
+
+    if str(spec) == "self" or not is_corpus(spec):
+        return None
+    corpus = open_corpus(spec, require_complete=True)
+    if corpus.manifest.seq_len != seq_len:
+        return None
+    corpus.check_tokenizer(tokenizer)
+    available = len(corpus)
+    if available == 0:
+        raise DataError(f"{spec} holds no sequence: write more tokens with `ffnfusion generate`.")
+    return CorpusRows(corpus.sequences(), window_index(available, min(available, max_sequences or available), seed))
+
+
 def check_text_source(spec: str | Path, option: str = "--data") -> None:
     """Refuse, without reading it, a text spec that `load_texts` would refuse for its path: for up-front checks.
 
@@ -176,8 +199,13 @@ def token_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int, s
             f"{samples} were asked for: use more text, fewer --samples or a shorter --seq-len."
         )
     windows = stream[: available * seq_len].view(available, seq_len)
+    return windows[torch.from_numpy(window_index(available, samples, seed))].clone()
+
+
+def window_index(available: int, samples: int, seed: int) -> np.ndarray:
+    """Which `samples` of `available` windows to use: a seeded random subset, in stream order."""
     order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:samples]
-    return windows[order.sort().values].clone()
+    return order.sort().values.numpy()
 
 
 @torch.no_grad()
@@ -227,10 +255,12 @@ def calibration_tokens(
     text_field: str = "text",
     cache_dir: Path | None = None,
     generate_batch_size: int = 16,
-) -> torch.Tensor:
+    lazy: bool = False,
+) -> torch.Tensor | CorpusRows:
     """[samples, seq_len] token ids from `spec` (a path, a datasets name, or `self`).
 
     For `self`, `model` is the model or a zero-argument function that loads it (called only if the text is not cached).
+    `lazy`: a self-written corpus comes back as CorpusRows, read from its cached shards on demand.
     """
     if spec == "self":
         if model is None:
@@ -238,7 +268,7 @@ def calibration_tokens(
         from ffnfusion.generate import self_corpus_tokens
 
         # The graph-captured sampling engine, cached as a token corpus (None: a model it cannot run; sample eagerly).
-        tokens = self_corpus_tokens(model, tokenizer, samples, seq_len, seed, cache_dir, model_key)
+        tokens = self_corpus_tokens(model, tokenizer, samples, seq_len, seed, cache_dir, model_key, lazy)
         if tokens is not None:
             return tokens
         # Sample a little more than needed: re-tokenizing decoded text rarely gives back exactly seq_len tokens.
@@ -272,19 +302,25 @@ def packed_sequences(
     text_field: str = "text",
     cache_dir: Path | None = None,
     generate_batch_size: int = 16,
-) -> torch.Tensor:
+) -> torch.Tensor | CorpusRows:
     """Training text packed into fixed-length sequences, [n, seq_len]: every whole window of the token stream.
 
     Documents are joined with EOS and cut into consecutive windows, so no token is padding; `max_sequences` keeps
     a random subset (chosen with `seed`). `self` samples `self_samples` sequences (or `max_sequences`) from `model`.
+    A corpus written by `ffnfusion generate` (or the `self` one) at this `seq_len` is not copied into memory: its
+    rows are read from the memory-mapped shards as batches ask for them (CorpusRows).
     """
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2 (got {seq_len}).")
     if spec == "self":
         samples = max_sequences or self_samples
         return calibration_tokens(
-            "self", tokenizer, samples, seq_len, seed, model, model_key, text_field, cache_dir, generate_batch_size
+            "self", tokenizer, samples, seq_len, seed, model, model_key, text_field, cache_dir, generate_batch_size,
+            lazy=True,
         )
+    rows = corpus_rows(spec, tokenizer, seq_len, max_sequences, seed)
+    if rows is not None:
+        return rows
     stream = corpus_stream(spec, tokenizer)
     if stream is None:
         stream = tokenize_stream(tokenizer, load_texts(spec, text_field))

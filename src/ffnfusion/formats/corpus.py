@@ -168,6 +168,27 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class CorpusRows:
+    """Rows `index` of a corpus as int64 token tensors, read from the memory-mapped shards only when asked for.
+
+    Stands in for the [len(index), seq_len] tensor a heal would otherwise build in memory (2 GB per process for a
+    268M-token corpus): `rows[i]`, `rows[a:b]`, `rows[array]`, `len(rows)` and `rows.shape` behave like that tensor's.
+    """
+
+    def __init__(self, sequences: Sequences, index: np.ndarray):
+        self.sequences = sequences
+        self.index = np.asarray(index, dtype=np.int64)
+        self.shape = (len(self.index), sequences.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> Any:
+        import torch  # the corpus format itself loads no torch (`ffnfusion --help` stays light)
+
+        return torch.from_numpy(np.asarray(self.sequences[self.index[key]], dtype=np.int64))
+
+
 class Sequences:
     """The corpus' [n, seq_len] token ids over memory-mapped shards, concatenated lazily (index like an array)."""
 

@@ -16,6 +16,7 @@ import torch
 
 from ffnfusion.formats.corpus import (
     CorpusManifest,
+    CorpusRows,
     CorpusWriter,
     ModelFingerprint,
     is_corpus,
@@ -183,12 +184,20 @@ def _config_eos(source: Any) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------- --data self
 def self_corpus_tokens(
-    model: Any, tokenizer: Any, samples: int, seq_len: int, seed: int, cache_dir: Path | None = None, key: str = ""
-) -> torch.Tensor | None:
+    model: Any,
+    tokenizer: Any,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    cache_dir: Path | None = None,
+    key: str = "",
+    lazy: bool = False,
+) -> torch.Tensor | CorpusRows | None:
     """[samples, seq_len] token ids sampled from `model` (or a loader of it) through the engine, cached as a corpus.
 
     Temperature 1 and no top-p (the model's own distribution). Returns None for a model the engine cannot run
-    (spread over several devices), so the caller can fall back to eager `generate`.
+    (spread over several devices), so the caller can fall back to eager `generate`. `lazy` returns the rows read
+    on demand from the cached shards (CorpusRows) instead of one tensor in memory.
     """
     from ffnfusion.io.cache import default_cache_dir
 
@@ -197,7 +206,7 @@ def self_corpus_tokens(
     folder = Path(cache_dir or default_cache_dir()) / "self_corpus" / digest
     if is_corpus(folder) and (corpus := open_corpus(folder)).manifest.complete and len(corpus) >= samples:
         corpus.check_tokenizer(tokenizer)
-        return torch.from_numpy(corpus.sequences()[np.arange(samples)].astype(np.int64))
+        return _rows(corpus, samples, lazy)
     if not isinstance(model, torch.nn.Module):
         model = model()
     if len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
@@ -229,4 +238,9 @@ def self_corpus_tokens(
     engine = build_engine(model, seq_len, prompts.max_len, batch, stop_ids, settings)
     write_corpus(engine, prompts, CorpusWriter(folder, manifest), samples, settings, log=lambda _: None)
     del engine
-    return torch.from_numpy(open_corpus(folder).sequences()[np.arange(samples)].astype(np.int64))
+    return _rows(open_corpus(folder), samples, lazy)
+
+
+def _rows(corpus: Any, samples: int, lazy: bool) -> torch.Tensor | CorpusRows:
+    rows = CorpusRows(corpus.sequences(), np.arange(samples))
+    return rows if lazy else rows[:]

@@ -21,6 +21,7 @@ from transformers import TrainerCallback, TrainingArguments, default_data_collat
 from transformers.trainer_callback import PrinterCallback
 
 from ffnfusion.data import DataError, packed_sequences
+from ffnfusion.formats.corpus import CorpusRows
 from ffnfusion.formats.plan import Plan
 from ffnfusion.formats.settings import settings_from
 from ffnfusion.heal.budget import (
@@ -237,13 +238,12 @@ def _load_teacher(t_source: ModelSource, settings: HealSettings, args: TrainingA
 
 def _training_sequences(
     job: _Job, settings: HealSettings, args: TrainingArguments, teacher_model: torch.nn.Module
-) -> torch.Tensor:
+) -> torch.Tensor | CorpusRows:
     # Every process builds the same sequences; the main process goes first so `self` text is sampled once and
     # cached, and the others read the cache.
     with args.main_process_first(desc="preparing training text"):
-        sequences = torch.cat(
-            [
-                packed_sequences(
+        parts = [
+            packed_sequences(
                     spec,
                     job.tokenizer,
                     settings.seq_len,
@@ -257,7 +257,8 @@ def _training_sequences(
                 )
                 for spec in settings.data
             ]
-        )
+        # One source stays as it is: a corpus (or the self-written one) is read from its shards batch by batch.
+        sequences = parts[0] if len(parts) == 1 else torch.cat([p[:] for p in parts])
     if sequences.shape[0] < (settings.batch_size or 1) * args.world_size:
         raise DataError(
             f"the data gives {sequences.shape[0]} sequences of {settings.seq_len} tokens, fewer than one batch "
