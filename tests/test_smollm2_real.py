@@ -66,3 +66,40 @@ def test_export_transformers_folder_keeps_logits(smollm2, tmp_path) -> None:
     ids = tok("A plain transformers folder loads fast.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert rel_err(exported(ids).logits, model(ids).logits) <= 1e-6
+
+
+def test_gguf_config_and_tokenizer_are_parsed_once_per_file(tmp_path, monkeypatch) -> None:
+    """Every stage of a run opens the same GGUF; its metadata (the whole vocabulary) is parsed once per process and
+    handed out as copies, and a file replaced in place is parsed afresh."""
+    import os
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    import ffnfusion.io.source as source_module
+
+    copy = tmp_path / "model.gguf"
+    shutil.copy(SMOLLM2_GGUF, copy)
+    source_module._parsed_from_gguf.cache_clear()
+    calls = []
+    for auto in (AutoConfig, AutoTokenizer):
+        real = auto.from_pretrained.__func__
+
+        def counting(cls, *args, _real=real, **kwargs):
+            calls.append(cls.__name__)
+            return _real(cls, *args, **kwargs)
+
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(counting))
+    a, b = resolve_model(str(copy)), resolve_model(str(copy))
+    first, second = a.config(), b.config()
+    tok_a, tok_b = a.tokenizer(), b.tokenizer()
+    assert calls == ["AutoConfig", "AutoTokenizer"]
+    assert first is not second and first.to_dict() == second.to_dict() and first.num_hidden_layers == 30
+    first.num_hidden_layers = 1  # a caller's change stays its own
+    assert b.config().num_hidden_layers == 30
+    text = "The capital of France is"
+    assert tok_a is not tok_b and tok_a(text)["input_ids"] == tok_b(text)["input_ids"]
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    resolve_model(str(copy)).config()
+    assert calls == ["AutoConfig", "AutoTokenizer", "AutoConfig"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import mmap
 import struct
@@ -45,14 +46,23 @@ class ModelSource:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
     def config(self) -> Any:
-        return AutoConfig.from_pretrained(self.folder, **self.load_kwargs)
+        if self.gguf_file:
+            return copy.deepcopy(_parsed_from_gguf(AutoConfig, *self._gguf_identity()))
+        return AutoConfig.from_pretrained(self.folder)
 
     def tokenizer(self) -> PreTrainedTokenizerBase | None:
         """The model's tokenizer, or None when the folder has none (weights-only checkpoints)."""
         try:
-            return AutoTokenizer.from_pretrained(self.folder, **self.load_kwargs)
+            if self.gguf_file:
+                return copy.deepcopy(_parsed_from_gguf(AutoTokenizer, *self._gguf_identity()))
+            return AutoTokenizer.from_pretrained(self.folder)
         except (OSError, ValueError, TypeError):
             return None
+
+    def _gguf_identity(self) -> tuple[str, int, int]:
+        path = (self.folder / str(self.gguf_file)).resolve()
+        stat = path.stat()
+        return str(path), stat.st_size, stat.st_mtime_ns
 
     def generation_config(self) -> GenerationConfig:
         """The model's generation defaults (EOS, sampling settings), derived from its config when it has none."""
@@ -98,6 +108,14 @@ class ModelSource:
             return torch.empty_like(state[name], device="meta") if meta else state[name]
 
         return get
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_from_gguf(auto_class: Any, path: str, size: int, mtime_ns: int) -> Any:
+    """A GGUF file's config or tokenizer, parsed once per process: transformers reads every metadata field (the
+    whole vocabulary) for each, seconds per call, and the stages of a run open the same file again and again.
+    Keyed by the file's size and modification time, so a replaced file is read afresh; callers get copies."""
+    return auto_class.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json")
@@ -288,8 +306,10 @@ def load_model(
     else:
         adapter_for(source.config())
     placement = {"device_map": "auto", "offload_folder": str(offload_folder)} if offload_folder is not None else {}
+    # A GGUF's config is parsed once (source.config); from_pretrained would parse the whole file's metadata again.
+    config = {"config": source.config()} if source.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(
-        source.folder, dtype=parse_dtype(dtype), **placement, **source.load_kwargs
+        source.folder, dtype=parse_dtype(dtype), **placement, **config, **source.load_kwargs
     )
     return (model if placement else model.to(device)).eval()
 
