@@ -130,8 +130,11 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def default_batch(device: torch.device, per_slot_bytes: int) -> int:
+    """Slots: as many as a share of the free memory holds KV caches for, up to 512 on a GPU and 32 on a CPU."""
     if device.type != "cuda":
-        return 8
+        # Two CPU cores, SmolLM2-135M: 57 tokens/s with 8 slots, 105 with 32 (wider products per weight read).
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(max(1, min(32, free * 0.3 // max(1, per_slot_bytes))))
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(8, min(512, free * 0.3 // max(1, per_slot_bytes))))
 
