@@ -195,7 +195,7 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
         stride_cb, stride_ch, stride_cl, n_heads, n_kv, groups, n_splits, sm_scale,
         SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
     ):  # fmt: skip
         # Split-K ("flash decoding"): program (b*kv_head, split) reads keys [split*SPLIT, (split+1)*SPLIT) once
         # for all query heads of its KV head, so a batch-1 step still spreads the cache over the SMs.
@@ -203,7 +203,10 @@ if triton is not None:
         split = tl.program_id(1)
         b = bh // n_kv
         kv = bh % n_kv
-        n_keys = tl.load(pos_ptr) + 1
+        # PER_ROW: each row has its own cache length (the sampler), and splits past it skip their loads; otherwise
+        # one length for the batch and a fixed trip count. Conditional expressions on a constexpr are resolved when
+        # the kernel is compiled, so each variant is the plain kernel it stands for.
+        n_keys = (tl.load(pos_ptr + b) if PER_ROW else tl.load(pos_ptr)) + 1
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, HEAD_DIM)
         gmask = g < groups
@@ -213,7 +216,7 @@ if triton is not None:
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        for start in range(0, SPLIT, BLOCK_N):
+        for start in range(0, tl.minimum(n_keys - split * SPLIT, SPLIT) if PER_ROW else SPLIT, BLOCK_N):
             n = split * SPLIT + start + tl.arange(0, BLOCK_N)
             nmask = n < n_keys
             offs = base + n[:, None] * stride_cl + d[None, :]
@@ -280,19 +283,23 @@ class TritonOps:
         )  # fmt: skip
         return out
 
-    def rope_store(self, qkv, cos, sin, pos, q_out, k_cache, v_cache, batch: int, seq: int) -> None:
+    def rope_store(
+        self, qkv, cos, sin, pos, q_out, k_cache, v_cache, batch: int, seq: int, per_row: bool = False
+    ) -> None:
+        """RoPE on q and k, k and v into the cache; `pos` is the batch's start position, or one per row (per_row)."""
         heads, d = q_out.shape[1], q_out.shape[2]
         kv_heads = k_cache.shape[1]
         _rope_store_kernel[(batch * seq, heads + kv_heads)](
             qkv, cos, sin, pos, q_out, k_cache, v_cache,
             qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), seq, heads, kv_heads,
-            HALF=d // 2, PER_ROW=False, num_warps=1,
+            HALF=d // 2, PER_ROW=per_row, num_warps=1,
             enable_fp_fusion=False,  # an FMA would skip eager's rounding of x * cos before the add
         )  # fmt: skip
 
     def decode_attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, per_row: bool = False
     ) -> torch.Tensor:
+        """One query token per row over its cache; `pos` is one position for all rows, or one per row (per_row)."""
         b, heads, d = q.shape
         kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
         groups = heads // kv_heads
@@ -311,7 +318,7 @@ class TritonOps:
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), heads, kv_heads, groups, n_splits,
             1.0 / math.sqrt(d),
             SPLIT=split, BLOCK_N=self.BLOCK_N, BLOCK_G=max(16, _pow2(groups)), HEAD_DIM=d, PRECISION=precision,
-            num_warps=4,
+            PER_ROW=per_row, num_warps=4,
         )  # fmt: skip
         _decode_combine_kernel[(b * heads,)](
             acc, m, l_sum, out, n_splits, BLOCK_S=max(2, _pow2(n_splits)), HEAD_DIM=d, num_warps=1

@@ -13,7 +13,6 @@ prefill and every step has the same shape. The host looks at the slots every `sy
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,55 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ffnfusion.bench.engine import DecodeEngine
-from ffnfusion.bench.kernels import TritonOps, rotate_half, triton
-
-if triton is not None:
-    import triton.language as tl
-
-    from ffnfusion.bench.kernels import _decode_combine_kernel, _pow2, _rope_store_kernel
-
-    @triton.jit
-    def _row_decode_attn_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
-        stride_cb, stride_ch, stride_cl, n_heads, n_kv, groups, n_splits, sm_scale,
-        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        # kernels._decode_attn_kernel with one cache length per row; splits past a row's length skip their loads.
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        b = bh // n_kv
-        kv = bh % n_kv
-        n_keys = tl.load(pos_ptr + b) + 1
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, HEAD_DIM)
-        gmask = g < groups
-        head = kv * groups + g
-        q = tl.load(q_ptr + ((b * n_heads + head) * HEAD_DIM)[:, None] + d[None, :], mask=gmask[:, None], other=0.0)
-        base = b * stride_cb + kv * stride_ch
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_sum = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        end = tl.minimum(n_keys - split * SPLIT, SPLIT)
-        for start in range(0, end, BLOCK_N):
-            n = split * SPLIT + start + tl.arange(0, BLOCK_N)
-            nmask = n < n_keys
-            offs = base + n[:, None] * stride_cl + d[None, :]
-            k = tl.load(k_ptr + offs, mask=nmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            l_sum = l_sum * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + offs, mask=nmask[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
-        part = (b * n_heads + head) * n_splits + split
-        tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
-        tl.store(m_ptr + part, m, mask=gmask)
-        tl.store(l_ptr + part, l_sum, mask=gmask)
+from ffnfusion.bench.kernels import TritonOps, rotate_half
 
 
 class RowPositionOps:
@@ -91,11 +42,7 @@ class RowPositionOps:
             raise ValueError("per-row positions take one token per row")
         heads, kv_heads, d = q_out.shape[1], k_cache.shape[1], q_out.shape[2]
         if self.triton:
-            _rope_store_kernel[(batch, heads + kv_heads)](
-                qkv, cos, sin, pos, q_out, k_cache, v_cache,
-                qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1, heads, kv_heads,
-                HALF=d // 2, PER_ROW=True, num_warps=1, enable_fp_fusion=False,
-            )  # fmt: skip
+            self.base.rope_store(qkv, cos, sin, pos, q_out, k_cache, v_cache, batch, 1, per_row=True)
             return
         c = cos.index_select(0, pos)[:, None, :]
         s = sin.index_select(0, pos)[:, None, :]
@@ -111,38 +58,13 @@ class RowPositionOps:
         b, heads, d = q.shape
         kv_heads = k_cache.shape[1]
         if self.triton:
-            return self._triton_attention(q, k_cache, v_cache, pos)
+            return self.base.decode_attention(q, k_cache, v_cache, pos, per_row=True)
         length = k_cache.shape[2] if getattr(self.base, "static", False) else int(pos.max()) + 1
         keep = (torch.arange(length, device=q.device)[None] <= pos[:, None]).view(b, 1, 1, length)
         out = F.scaled_dot_product_attention(
             q.view(b, kv_heads, heads // kv_heads, d), k_cache[:b, :, :length], v_cache[:b, :, :length], attn_mask=keep
         )
         return out.reshape(b, heads * d)
-
-    def _triton_attention(self, q, k_cache, v_cache, pos):
-        b, heads, d = q.shape
-        kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
-        block_n = TritonOps.BLOCK_N
-        blocks = triton.cdiv(max_len, block_n)
-        n_splits = max(1, min(blocks, triton.cdiv(2 * self.base.num_sms, b * kv_heads)))
-        split = triton.cdiv(blocks, n_splits) * block_n
-        n_splits = triton.cdiv(max_len, split)
-        acc = torch.empty((b * heads * n_splits, d), dtype=torch.float32, device=q.device)
-        m = torch.empty((b * heads * n_splits,), dtype=torch.float32, device=q.device)
-        l_sum = torch.empty_like(m)
-        out = torch.empty((b, heads * d), dtype=q.dtype, device=q.device)
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        _row_decode_attn_kernel[(b * kv_heads, n_splits)](
-            q, k_cache, v_cache, pos, acc, m, l_sum,
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), heads, kv_heads, heads // kv_heads, n_splits,
-            1.0 / math.sqrt(d),
-            SPLIT=split, BLOCK_N=block_n, BLOCK_G=max(16, _pow2(heads // kv_heads)), HEAD_DIM=d, PRECISION=precision,
-            num_warps=4,
-        )  # fmt: skip
-        _decode_combine_kernel[(b * heads,)](
-            acc, m, l_sum, out, n_splits, BLOCK_S=max(2, _pow2(n_splits)), HEAD_DIM=d, num_warps=1
-        )
-        return out
 
 
 def sample_from_logits(
