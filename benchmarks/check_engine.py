@@ -17,10 +17,10 @@ import sys
 
 import torch
 
-from ffnfusion.bench.engine import DecodeEngine
-from ffnfusion.bench.kernels import TorchOps, TritonOps
 from ffnfusion.bench.shapes import random_model
 from ffnfusion.bench.timing import compare_tokens, eager_generate
+from ffnfusion.engine.decode import DecodeEngine
+from ffnfusion.engine.kernels import TorchOps, TritonOps
 from ffnfusion.formats.plan import Plan
 from ffnfusion.surgery import fuse_model
 

@@ -18,8 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ffnfusion.bench.kernels import TritonOps, rotate_half
-from ffnfusion.bench.sampling import RowPositionOps
+from ffnfusion.engine.kernels import TritonOps, rotate_half
+from ffnfusion.engine.sampling import RowPositionOps
 
 SHAPES = ((3, 4, 4, 2, 16), (2, 1, 6, 2, 32), (1, 5, 3, 3, 16))  # batch, seq, heads, kv heads, head dim
 

@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from ffnfusion.bench.engine import DecodeEngine
-from ffnfusion.bench.sampling import SamplingEngine
 from ffnfusion.bench.shapes import random_model
+from ffnfusion.engine.decode import DecodeEngine
+from ffnfusion.engine.sampling import SamplingEngine
 from ffnfusion.formats.plan import Plan
 from ffnfusion.generate.shards import generate_shard
 from ffnfusion.surgery import fuse_model

@@ -12,13 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import save_model, tiny_model
-from ffnfusion.bench.engine import DecodeEngine
-from ffnfusion.bench.kernels import TorchOps
 from ffnfusion.bench.shapes import SHAPES, random_model, shape_config
 from ffnfusion.bench.stage import bench
 from ffnfusion.bench.table import markdown_table
 from ffnfusion.bench.timing import compare_tokens, eager_generate
 from ffnfusion.cli import app
+from ffnfusion.engine.decode import DecodeEngine
+from ffnfusion.engine.kernels import TorchOps
 from ffnfusion.formats.plan import Plan
 from ffnfusion.surgery import fuse_model
 

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from analysis_fakes import char_tokenizer, save_with_tokenizer
 from conftest import tiny_model
-from ffnfusion.bench.sampling import SamplingEngine, sample_from_logits
 from ffnfusion.cli import app
 from ffnfusion.data import calibration_tokens, token_windows
+from ffnfusion.engine.sampling import SamplingEngine, sample_from_logits
 from ffnfusion.formats.corpus import CorpusError, CorpusRows, open_corpus
 from ffnfusion.formats.plan import Plan
 from ffnfusion.generate import GenerateSettings, PromptSource, generate

@@ -11,8 +11,8 @@ from typing import Any
 __all__ = ["SHAPES", "DecodeEngine", "Timing", "bench", "ffn_group_probe", "random_model"]
 
 _LAZY = {
-    "DecodeEngine": "ffnfusion.bench.engine",
-    "Timing": "ffnfusion.bench.engine",
+    "DecodeEngine": "ffnfusion.engine.decode",
+    "Timing": "ffnfusion.engine.decode",
     "SHAPES": "ffnfusion.bench.shapes",
     "random_model": "ffnfusion.bench.shapes",
     "bench": "ffnfusion.bench.stage",

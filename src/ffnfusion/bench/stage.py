@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from ffnfusion.bench.engine import DecodeEngine
 from ffnfusion.bench.settings import BenchSettings
 from ffnfusion.bench.table import comparison
 from ffnfusion.bench.timing import compare_tokens, copy_bandwidth, eager_reference, ffn_group_probe
 from ffnfusion.bench.variants import Variant, check_model_and_plan, variants
+from ffnfusion.engine.decode import DecodeEngine
 from ffnfusion.formats.bench import BENCH_FORMAT, BENCH_VERSION, is_bench_file
 from ffnfusion.formats.plan import Plan
 from ffnfusion.formats.settings import settings_from

@@ -1,7 +1,7 @@
 """`ffnfusion generate`: the teacher writes a distillation corpus (token shards) with the graph-captured engine.
 
 The model runs in the project's decode engine (static KV cache, CUDA graphs, Triton kernels on GPUs) with sampling
-and continuous batching (`bench/sampling.py`): every slot samples its own document and is refilled with a new
+and continuous batching (`engine/sampling.py`): every slot samples its own document and is refilled with a new
 prompt as soon as it ends. Documents are packed back to back into fixed-length sequences and written as
 memory-mapped shards (`formats/corpus.py`); each shard is seeded on its own, so a killed run resumes at the next
 shard and ends with the same corpus as an uninterrupted one. `--data self` of analyze/heal/run uses the same code.

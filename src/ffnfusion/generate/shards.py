@@ -143,7 +143,7 @@ def build_engine(
     model: Any, max_len: int, max_prompt: int, batch: int, stop_ids: list[int], settings: GenerateSettings
 ) -> Any:
     """The sampling engine over `model` (a transformers model or a DeciLM one), on the model's device and dtype."""
-    from ffnfusion.bench.sampling import SamplingEngine
+    from ffnfusion.engine.sampling import SamplingEngine
     from ffnfusion.formats.plan import Plan
     from ffnfusion.modeling.modeling_decilm import DeciLMForCausalLM
     from ffnfusion.surgery import fuse_model

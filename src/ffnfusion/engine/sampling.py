@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ffnfusion.bench.engine import DecodeEngine
-from ffnfusion.bench.kernels import TritonOps, rotate_half
+from ffnfusion.engine.decode import DecodeEngine
+from ffnfusion.engine.kernels import TritonOps, rotate_half
 
 
 class RowPositionOps:

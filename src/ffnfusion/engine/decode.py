@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffnfusion.bench.kernels import TorchOps, TritonOps, prefill_attention
+from ffnfusion.engine.kernels import TorchOps, TritonOps, prefill_attention
 from ffnfusion.modeling.modeling_decilm import DeciLMForCausalLM, rms_normalize
 
 
