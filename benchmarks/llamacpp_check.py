@@ -10,6 +10,10 @@ source that llama-cpp-python's sdist vendors (no git access needed):
         -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
     cmake --build /tmp/llamacpp/build -j2 --target llama-perplexity llama-bench llama-tokenize
 
+On a CPU that advertises AMX inside a VM that does not enable it (llama-bench dies with SIGILL/SIGSEGV in
+ggml_backend_amx_mul_mat on q8_0 files), add `"-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"` and the
+same `-DCMAKE_CXX_FLAGS` to the first cmake command: -march=native then keeps everything but AMX.
+
 Then, from the project root:
 
     PYTHONPATH=src python benchmarks/llamacpp_check.py --bin /tmp/llamacpp/build/bin --work /tmp/llamacpp/work
@@ -23,6 +27,18 @@ What it does, with SmolLM2-135M-Instruct (the Q4_1 GGUF in ../shared/assets, deq
 5. llama-bench (prompt processing and generation speed) of both files, and of the original Q4_1 GGUF's
    llama-architecture perplexity as a cross-check of the deci path.
 Writes `<work>/llamacpp_check.json` and prints a Markdown table.
+
+`--bench` does only the speed part, more carefully, for every --dtypes (default f16 and q8_0): it waits until the
+1-minute load average is at most --max-load (polling each minute, at most --max-wait seconds), then runs llama-bench
+`-p 512 -n 128 -r REPS` once per model, original and fused alternating (the order reversed for the next dtype and the
+next measurement), and repeats that --measurements times so run-to-run noise shows. It reports llama-bench's mean
+± standard deviation over the repetitions and fused / original, with the load average before and after each
+measurement, in `<work>/llamacpp_bench.json` and a Markdown table. `--extra DTYPE=LABEL=FILE` adds another GGUF to
+that dtype's rotation, e.g. the original converted by llama.cpp's own convert_hf_to_gguf.py (llama architecture) as
+a check that the `deci` graph costs nothing extra:
+
+    PYTHONPATH=src python benchmarks/llamacpp_check.py --bin /tmp/llamacpp/build/bin --work /tmp/llamacpp/work \
+        --bench --extra f16=llama-arch=/tmp/llamacpp/llama-arch-f16.gguf
 """
 
 from __future__ import annotations
@@ -82,6 +98,61 @@ def hf_ppl(folder: Path, ids: list[int], ctx: int, chunks: int, bos: int | None)
     return float(torch.tensor(nll / count).exp())
 
 
+def wait_for_load(max_load: float, max_wait: float) -> tuple[list[float], float]:
+    """Wait (polling each minute, at most max_wait s) until the 1-minute load average is at most max_load."""
+    t0 = time.monotonic()
+    while os.getloadavg()[0] > max_load and time.monotonic() - t0 < max_wait:
+        print(f"load average {os.getloadavg()[0]:.2f} > {max_load}: waiting", flush=True)
+        time.sleep(60)
+    return list(os.getloadavg()), time.monotonic() - t0
+
+
+def llama_bench(bin_dir: Path, model: Path, prompt: int, gen: int, threads: int, reps: int, log: Path) -> dict:
+    out = sh([bin_dir / "llama-bench", "-m", model, "-p", prompt, "-n", gen, "-t", threads, "-r", reps, "-o", "json"],
+             log)  # fmt: skip
+    result: dict = {}
+    for row in json.loads(out[out.index("[") : out.rindex("]") + 1]):
+        result["pp" if row["n_prompt"] else "tg"] = {k: row[k] for k in ("avg_ts", "stddev_ts", "samples_ts")}
+        result["cpu"], result["build"] = row.get("cpu_info"), row.get("build_commit")
+    return result
+
+
+def bench(args: argparse.Namespace, files: dict[str, dict[str, Path]]) -> None:
+    """files: dtype -> label -> GGUF. See the module docstring (`--bench`)."""
+    gen = args.gen or 128
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "measurements": []}
+    results["settings"] = vars(args) | {"bin": str(args.bin), "work": str(args.work), "plan": str(PLAN), "gen": gen}
+    results["files"] = {d: {k: str(v) for k, v in m.items()} for d, m in files.items()}
+    for m in range(args.measurements):
+        load, waited = wait_for_load(args.max_load, args.max_wait)
+        print(f"measurement {m + 1}: load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+              f"(waited {waited:.0f} s)", flush=True)  # fmt: skip
+        entry: dict = {"load_before": load, "waited_s": waited, "started": time.strftime("%H:%M:%S"), "runs": {}}
+        for i, (dtype, models) in enumerate(files.items()):
+            labels = list(models)[::-1] if (m + i) % 2 else list(models)
+            for label in labels:
+                log = args.work / f"bench-{dtype}-{label}-{m}.log"
+                row = llama_bench(args.bin, models[label], args.ctx, gen, args.threads, args.reps, log)
+                results["cpu"], results["llamacpp_build"] = row.pop("cpu"), f"{row.pop('build')} ({args.sdist})"
+                entry["runs"].setdefault(dtype, {})[label] = row | {"order": labels.index(label)}
+        entry["load_after"] = list(os.getloadavg())
+        results["measurements"].append(entry)
+    (args.work / "llamacpp_bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nllama-bench, {results['cpu']}, {args.threads} threads, {args.reps} repetitions, build "
+          f"{results['llamacpp_build']}: tokens/s, mean ± std\n")  # fmt: skip
+    print("| dtype | test | measurement (load 1 min) | original | fused | fused / original | other files |")
+    print("|---|---|---|---:|---:|---:|---|")
+    for dtype, models in files.items():
+        for kind, name in (("pp", f"pp{args.ctx}"), ("tg", f"tg{gen}")):
+            for m, entry in enumerate(results["measurements"]):
+                runs = entry["runs"][dtype]
+                cell = {k: f"{runs[k][kind]['avg_ts']:.1f} ± {runs[k][kind]['stddev_ts']:.1f}" for k in models}
+                ratio = runs["fused"][kind]["avg_ts"] / runs["original"][kind]["avg_ts"]
+                other = ", ".join(f"{k} {cell[k]}" for k in models if k not in ("original", "fused"))
+                print(f"| {dtype} | {name} | {m + 1} ({entry['load_before'][0]:.2f} -> {entry['load_after'][0]:.2f}) | "
+                      f"{cell['original']} | {cell['fused']} | {ratio:.3f}x | {other} |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bin", type=Path, required=True, help="folder with llama-perplexity, llama-bench, llama-tokenize")
@@ -90,10 +161,18 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="f16")
-    ap.add_argument("--gen", type=int, default=64, help="tokens generated per llama-bench run")
+    ap.add_argument("--gen", type=int, help="tokens generated per llama-bench run (default 64; 128 with --bench)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating llama-bench rounds per model")
     ap.add_argument("--sdist", default="0.3.36", help="llama-cpp-python version the binaries were built from")
     ap.add_argument("--skip-ppl", action="store_true", help="only the speed part (files already exported)")
+    ap.add_argument("--bench", action="store_true", help="only speed: llama-bench mean ± std, see the docstring")
+    ap.add_argument("--dtypes", default="f16,q8_0", help="--bench: export dtypes to time")
+    ap.add_argument("--reps", type=int, default=10, help="--bench: llama-bench repetitions (-r)")
+    ap.add_argument("--measurements", type=int, default=2, help="--bench: how many times to repeat the whole run")
+    ap.add_argument("--max-load", type=float, default=1.0, help="--bench: wait for this 1-minute load average")
+    ap.add_argument("--max-wait", type=float, default=1200, help="--bench: wait at most this long (s), then run")
+    ap.add_argument("--extra", action="append", default=[], metavar="DTYPE=LABEL=FILE",
+                    help="--bench: another GGUF to time with that dtype's pair")  # fmt: skip
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -107,17 +186,27 @@ def main() -> None:
     text = work / "wiki.test.lf.raw"
     text.write_bytes(WIKI.read_bytes().replace(b"\r\n", b"\n"))
     original = export_transformers_folder(GGUF, work / "original-hf")
-    models = {}
-    for label, plan in (("original", Plan()), ("fused", Plan.load(PLAN))):
-        folder = work / f"{label}-decilm"
-        if not (folder / "config.json").is_file():
-            fuse(str(original), plan, folder)
-        out = work / f"{label}-{args.dtype}.gguf"
-        t0 = time.perf_counter()
-        s = export_gguf(folder, out, dtype=args.dtype, overwrite=True)
-        print(f"exported {label}: {s.blocks_after} blocks, {s.bytes / 2**20:.1f} MiB, pre {s.pre_tokenizer!r} "
-              f"({s.pre_source}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-        models[label] = (folder, out)
+    by_dtype: dict[str, dict[str, tuple[Path, Path]]] = {}
+    for dtype in args.dtypes.split(",") if args.bench else [args.dtype]:
+        for label, plan in (("original", Plan()), ("fused", Plan.load(PLAN))):
+            folder = work / f"{label}-decilm"
+            if not (folder / "config.json").is_file():
+                fuse(str(original), plan, folder)
+            out = work / f"{label}-{dtype}.gguf"
+            t0 = time.perf_counter()
+            s = export_gguf(folder, out, dtype=dtype, overwrite=True)
+            print(f"exported {label} {dtype}: {s.blocks_after} blocks, {s.bytes / 2**20:.1f} MiB, pre "
+                  f"{s.pre_tokenizer!r} ({s.pre_source}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+            by_dtype.setdefault(dtype, {})[label] = (folder, out)
+    if args.bench:
+        files = {d: {k: v[1] for k, v in m.items()} for d, m in by_dtype.items()}
+        for extra in args.extra:
+            dtype, label, path = extra.split("=", 2)
+            files.setdefault(dtype, {})[label] = Path(path)
+        bench(args, files)
+        return
+    models = by_dtype[args.dtype]
+    args.gen = args.gen or 64
 
     tokenizer = AutoTokenizer.from_pretrained(models["original"][0])
     ids = tokenizer(text.read_text(encoding="utf-8"))["input_ids"]
