@@ -10,6 +10,10 @@ source that llama-cpp-python's sdist vendors (no git access needed):
         -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
     cmake --build /tmp/llamacpp/build -j2 --target llama-perplexity llama-bench llama-tokenize
 
+On a CPU that advertises AMX inside a VM that does not enable it (llama-bench dies with SIGILL/SIGSEGV in
+ggml_backend_amx_mul_mat on q8_0 files), add `"-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"` and the
+same `-DCMAKE_CXX_FLAGS` to the first cmake command: -march=native then keeps everything but AMX.
+
 Then, from the project root:
 
     PYTHONPATH=src python benchmarks/llamacpp_check.py --bin /tmp/llamacpp/build/bin --work /tmp/llamacpp/work
@@ -23,6 +27,19 @@ What it does, with SmolLM2-135M-Instruct (the Q4_1 GGUF in ../shared/assets, deq
 5. llama-bench (prompt processing and generation speed) of both files, and of the original Q4_1 GGUF's
    llama-architecture perplexity as a cross-check of the deci path.
 Writes `<work>/llamacpp_check.json` and prints a Markdown table.
+
+`--bench` does only the speed part, more carefully, for every --dtypes (default f16 and q8_0). Before each dtype's
+group it waits until the 1-minute load average is at most --max-load (polling every 15 s, at most --max-wait
+seconds), then runs llama-bench `-p 512 -n 128 -r REPS` once per file, original and fused back to back (the order
+reversed for the next dtype and the next measurement); the whole is repeated --measurements times so run-to-run noise
+shows. It reports llama-bench's mean ± standard deviation over the repetitions, their median, and fused / original,
+with the load average before and after each group, in `<work>/llamacpp_bench.json` and a Markdown table (`--report
+JSON` prints it again). `--extra DTYPE=LABEL=FILE` adds another GGUF to that dtype's group, e.g. the original
+converted by llama.cpp's own convert_hf_to_gguf.py (llama architecture), to check that the `deci` graph costs
+nothing extra:
+
+    PYTHONPATH=src python benchmarks/llamacpp_check.py --bin /tmp/llamacpp/build/bin --work /tmp/llamacpp/work \
+        --bench --extra f16=llama-arch=/tmp/llamacpp/llama-arch-f16.gguf
 """
 
 from __future__ import annotations
@@ -82,19 +99,130 @@ def hf_ppl(folder: Path, ids: list[int], ctx: int, chunks: int, bos: int | None)
     return float(torch.tensor(nll / count).exp())
 
 
+def wait_for_load(max_load: float, max_wait: float) -> tuple[list[float], float]:
+    """Wait (polling every 15 s, at most max_wait s) until the 1-minute load average is at most max_load."""
+    t0 = time.monotonic()
+    while os.getloadavg()[0] > max_load and time.monotonic() - t0 < max_wait:
+        print(f"load average {os.getloadavg()[0]:.2f} > {max_load}: waiting", flush=True)
+        time.sleep(15)
+    return list(os.getloadavg()), time.monotonic() - t0
+
+
+def cpu_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores, /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def llama_bench(bin_dir: Path, model: Path, prompt: int, gen: int, threads: int, reps: int, log: Path) -> dict:
+    out = sh([bin_dir / "llama-bench", "-m", model, "-p", prompt, "-n", gen, "-t", threads, "-r", reps, "-o", "json"],
+             log)  # fmt: skip
+    result: dict = {}
+    for row in json.loads(out[out.index("[") : out.rindex("]") + 1]):
+        result["pp" if row["n_prompt"] else "tg"] = {k: row[k] for k in ("avg_ts", "stddev_ts", "samples_ts")}
+        result["cpu"], result["build"] = row.get("cpu_info"), row.get("build_commit")
+    return result
+
+
+def bench(args: argparse.Namespace, files: dict[str, dict[str, Path]]) -> None:
+    """files: dtype -> label -> GGUF. See the module docstring (`--bench`)."""
+    gen = args.gen or 128
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "measurements": []}
+    results["settings"] = vars(args) | {"bin": str(args.bin), "work": str(args.work), "plan": str(PLAN), "gen": gen}
+    results["files"] = {d: {k: str(v) for k, v in m.items()} for d, m in files.items()}
+    # The load is checked before each dtype's group (its files back to back), since a group takes a minute or two and
+    # another process can start at any time; the JSON is rewritten after each group.
+    for m in range(args.measurements):
+        entry: dict = {"runs": {}, "load": {}}
+        results["measurements"].append(entry)
+        for i, (dtype, models) in enumerate(files.items()):
+            load, waited = wait_for_load(args.max_load, args.max_wait)
+            print(f"measurement {m + 1}, {dtype}: load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+                  f"(waited {waited:.0f} s)", flush=True)  # fmt: skip
+            labels = list(models)[::-1] if (m + i) % 2 else list(models)
+            # Other processes' CPU time during the group: the machine's busy time less llama-bench's own. When it is
+            # more than --max-other core-seconds per second the group is run again (at most --retries times).
+            for attempt in range(args.retries + 1):
+                busy, own, wall = cpu_busy_s(), os.times(), time.monotonic()
+                runs = {}
+                for label in labels:
+                    log = args.work / f"bench-{dtype}-{label}-{m}.log"
+                    row = llama_bench(args.bin, models[label], args.ctx, gen, args.threads, args.reps, log)
+                    results["cpu"], results["llamacpp_build"] = row.pop("cpu"), f"{row.pop('build')} ({args.sdist})"
+                    runs[label] = row | {"order": labels.index(label)}
+                end = os.times()
+                ours = end.children_user + end.children_system - own.children_user - own.children_system
+                wall = time.monotonic() - wall
+                other = max(0.0, cpu_busy_s() - busy - ours) / wall
+                print(f"  {dtype}: {wall:.0f} s, other processes used {other:.2f} cores on average", flush=True)
+                if other <= args.max_other or attempt == args.retries:
+                    break
+                load, waited = wait_for_load(args.max_load, args.max_wait)
+            entry["runs"][dtype] = runs
+            entry["load"][dtype] = {"before": load, "after": list(os.getloadavg()), "waited_s": round(waited),
+                                    "other_cores": round(other, 3), "wall_s": round(wall, 1), "attempts": attempt + 1,
+                                    "finished": time.strftime("%H:%M:%S")}  # fmt: skip
+            (args.work / "llamacpp_bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_bench(results)
+
+
+def print_bench(results: dict) -> None:
+    """The Markdown table of a `--bench` run: llama-bench's mean ± std, then the median of the repetitions (robust
+    to a repetition that another process slowed down)."""
+    st = results["settings"]
+    print(f"\nllama-bench, {results['cpu']}, {st['threads']} threads, {st['reps']} repetitions, build "
+          f"{results['llamacpp_build']}: tokens/s, mean ± std (median)\n")  # fmt: skip
+    print(
+        "| dtype | test | measurement (load 1 min before -> after; other processes' cores) | original | fused | "
+        "fused / original (medians) | other files |"
+    )
+    print("|---|---|---|---:|---:|---:|---|")
+    for dtype, models in results["files"].items():
+        for kind, name in (("pp", f"pp{st['ctx']}"), ("tg", f"tg{st['gen']}")):
+            for m, entry in enumerate(results["measurements"]):
+                runs = {k: v[kind] for k, v in entry["runs"][dtype].items()}
+                med = {k: statistics.median(v["samples_ts"]) for k, v in runs.items()}
+                cell = {k: f"{v['avg_ts']:.1f} ± {v['stddev_ts']:.1f} ({med[k]:.1f})" for k, v in runs.items()}
+                ratio = runs["fused"]["avg_ts"] / runs["original"]["avg_ts"]
+                other = ", ".join(f"{k} {cell[k]}" for k in models if k not in ("original", "fused"))
+                load = entry["load"][dtype]
+                print(f"| {dtype} | {name} | {m + 1} ({load['before'][0]:.2f} -> {load['after'][0]:.2f}; "
+                      f"{load.get('other_cores', float('nan')):.2f}) | "
+                      f"{cell['original']} | {cell['fused']} | {ratio:.3f}x ({med['fused'] / med['original']:.3f}x) | "
+                      f"{other} |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bin", type=Path, required=True, help="folder with llama-perplexity, llama-bench, llama-tokenize")
+    ap.add_argument("--bin", type=Path, help="folder with llama-perplexity, llama-bench, llama-tokenize")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llamacpp/work"))
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="f16")
-    ap.add_argument("--gen", type=int, default=64, help="tokens generated per llama-bench run")
+    ap.add_argument("--gen", type=int, help="tokens generated per llama-bench run (default 64; 128 with --bench)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating llama-bench rounds per model")
     ap.add_argument("--sdist", default="0.3.36", help="llama-cpp-python version the binaries were built from")
     ap.add_argument("--skip-ppl", action="store_true", help="only the speed part (files already exported)")
+    ap.add_argument("--bench", action="store_true", help="only speed: llama-bench mean ± std, see the docstring")
+    ap.add_argument("--dtypes", default="f16,q8_0", help="--bench: export dtypes to time")
+    ap.add_argument("--reps", type=int, default=10, help="--bench: llama-bench repetitions (-r)")
+    ap.add_argument("--measurements", type=int, default=2, help="--bench: how many times to repeat the whole run")
+    ap.add_argument("--max-load", type=float, default=1.0, help="--bench: wait for this 1-minute load average")
+    ap.add_argument("--max-wait", type=float, default=1200, help="--bench: wait at most this long (s), then run")
+    ap.add_argument("--max-other", type=float, default=0.05, help="--bench: rerun a group when other processes used "
+                    "more cores than this on average while it ran")  # fmt: skip
+    ap.add_argument("--retries", type=int, default=3, help="--bench: how often to rerun a disturbed group")
+    ap.add_argument("--report", type=Path, help="print the table of an earlier --bench run's JSON and exit")
+    ap.add_argument("--extra", action="append", default=[], metavar="DTYPE=LABEL=FILE",
+                    help="--bench: another GGUF to time with that dtype's pair")  # fmt: skip
     args = ap.parse_args()
+    if args.report:
+        print_bench(json.loads(args.report.read_text()))
+        return
+    if args.bin is None:
+        ap.error("--bin is required")
     from transformers import AutoTokenizer
 
     from ffnfusion.export import export_gguf
@@ -107,17 +235,27 @@ def main() -> None:
     text = work / "wiki.test.lf.raw"
     text.write_bytes(WIKI.read_bytes().replace(b"\r\n", b"\n"))
     original = export_transformers_folder(GGUF, work / "original-hf")
-    models = {}
-    for label, plan in (("original", Plan()), ("fused", Plan.load(PLAN))):
-        folder = work / f"{label}-decilm"
-        if not (folder / "config.json").is_file():
-            fuse(str(original), plan, folder)
-        out = work / f"{label}-{args.dtype}.gguf"
-        t0 = time.perf_counter()
-        s = export_gguf(folder, out, dtype=args.dtype, overwrite=True)
-        print(f"exported {label}: {s.blocks_after} blocks, {s.bytes / 2**20:.1f} MiB, pre {s.pre_tokenizer!r} "
-              f"({s.pre_source}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-        models[label] = (folder, out)
+    by_dtype: dict[str, dict[str, tuple[Path, Path]]] = {}
+    for dtype in args.dtypes.split(",") if args.bench else [args.dtype]:
+        for label, plan in (("original", Plan()), ("fused", Plan.load(PLAN))):
+            folder = work / f"{label}-decilm"
+            if not (folder / "config.json").is_file():
+                fuse(str(original), plan, folder)
+            out = work / f"{label}-{dtype}.gguf"
+            t0 = time.perf_counter()
+            s = export_gguf(folder, out, dtype=dtype, overwrite=True)
+            print(f"exported {label} {dtype}: {s.blocks_after} blocks, {s.bytes / 2**20:.1f} MiB, pre "
+                  f"{s.pre_tokenizer!r} ({s.pre_source}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+            by_dtype.setdefault(dtype, {})[label] = (folder, out)
+    if args.bench:
+        files = {d: {k: v[1] for k, v in m.items()} for d, m in by_dtype.items()}
+        for extra in args.extra:
+            dtype, label, path = extra.split("=", 2)
+            files.setdefault(dtype, {})[label] = Path(path)
+        bench(args, files)
+        return
+    models = by_dtype[args.dtype]
+    args.gen = args.gen or 64
 
     tokenizer = AutoTokenizer.from_pretrained(models["original"][0])
     ids = tokenizer(text.read_text(encoding="utf-8"))["input_ids"]
