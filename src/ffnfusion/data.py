@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ffnfusion.formats.corpus import CorpusRows
+from ffnfusion.formats.corpus import CorpusRows, is_corpus, open_corpus
 from ffnfusion.io.cache import default_cache_dir
 from ffnfusion.io.output import write_atomic
 
@@ -103,8 +103,6 @@ def corpus_stream(spec: str | Path, tokenizer: Any) -> torch.Tensor | None:
     Its sequences are consecutive windows of packed documents, so the stream can be cut again at any length without
     re-tokenising; the corpus must be complete and made with this tokenizer.
     """
-    from ffnfusion.formats.corpus import is_corpus, open_corpus
-
     if str(spec) == "self" or not is_corpus(spec):
         return None
     corpus = open_corpus(spec, require_complete=True)
@@ -120,8 +118,6 @@ def corpus_rows(
     A corpus' sequences are the consecutive `seq_len` windows of its stream, so at the same length they are those
     windows: the same rows as cutting the stream, chosen the same way, without a copy.
     """
-    from ffnfusion.formats.corpus import is_corpus, open_corpus
-
     if str(spec) == "self" or not is_corpus(spec):
         return None
     corpus = open_corpus(spec, require_complete=True)
@@ -142,8 +138,6 @@ def check_text_source(spec: str | Path, option: str = "--data") -> None:
     """
     if str(spec) == "self":
         return
-    from ffnfusion.formats.corpus import is_corpus
-
     path = Path(spec).expanduser()
     if is_corpus(path):
         return
