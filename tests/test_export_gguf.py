@@ -315,6 +315,7 @@ def test_cli_output_rules_and_errors(fused, tmp_path):
     tiny_model("llama").save_pretrained(unfused)
     plain = runner.invoke(app, ["export", str(unfused), "--out", str(tmp_path / "p.gguf")])
     assert plain.exit_code == 2 and "is not a fused checkpoint" in plain.output and "Traceback" not in plain.output
+    assert "empty plan" in " ".join(plain.output.split())  # the way to a same-format baseline
     bad = runner.invoke(app, [*args, "--dtype", "q4_k"])
     assert bad.exit_code == 2 and "--dtype 'q4_k'" in bad.output
     unknown = runner.invoke(app, ["export", str(fused), "--out", str(tmp_path / "u.gguf")])

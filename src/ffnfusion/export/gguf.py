@@ -330,8 +330,9 @@ def _fused_source(fused: str | Path) -> Any:
     if not source.is_fused_checkpoint:
         raise ExportError(
             f"{fused} is not a fused checkpoint (it has no config.json with block_configs): `ffnfusion export` writes "
-            "the output of `ffnfusion fuse` or `ffnfusion heal`. Fuse the model first; for an unmodified model use "
-            "llama.cpp's own convert_hf_to_gguf.py."
+            "the output of `ffnfusion fuse` or `ffnfusion heal`. Fuse the model first; for the unmodified model (a "
+            "baseline exported the same way) fuse it with an empty plan (a plan.json of `{}`), or use llama.cpp's own "
+            "convert_hf_to_gguf.py."
         )
     return source
 
