@@ -101,6 +101,20 @@ def test_compare_tokens_reports_first_mismatch() -> None:
     assert not r["greedy_match"] and r["first_mismatch"] == {"row": 1, "step": 1}
 
 
+def test_greedy_note_says_where_tokens_part_and_why() -> None:
+    from types import SimpleNamespace
+
+    from ffnfusion.bench.stage import _greedy_note
+
+    a, b = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[1, 2, 3], [4, 0, 6]])
+    fp32 = SimpleNamespace(engine_model=torch.nn.Linear(2, 2))
+    bf16 = SimpleNamespace(engine_model=torch.nn.Linear(2, 2).to(torch.bfloat16))
+    assert _greedy_note(compare_tokens(a, a), fp32) == ", greedy tokens = eager's (6)"
+    assert _greedy_note(compare_tokens(a, b), fp32) == ", greedy tokens differ from eager's from token 2"
+    assert "half-precision rounding" in _greedy_note(compare_tokens(a, b), bf16)
+    assert _greedy_note({"prefill_ms": 1.0}, fp32) == ""
+
+
 def test_bench_stage_writes_json(tmp_path) -> None:
     folder = save_model(tiny_model("llama"), tmp_path / "tiny")
     plan_file = tmp_path / "plan.json"
