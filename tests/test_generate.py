@@ -17,6 +17,7 @@ from ffnfusion.engine.sampling import SamplingEngine, sample_from_logits
 from ffnfusion.formats.corpus import CorpusError, CorpusRows, open_corpus
 from ffnfusion.formats.plan import Plan
 from ffnfusion.generate import GenerateSettings, PromptSource, generate
+from ffnfusion.generate.prompts import PromptError
 from ffnfusion.surgery import fuse_model
 
 runner = CliRunner()
@@ -188,6 +189,17 @@ def test_chat_prompts_and_prompt_file(tmp_path) -> None:
     lines = PromptSource(tok, GenerateSettings(tokens=1, prompts=str(f), prompt_tokens=6), max_len=512)
     assert ["".join(tok.convert_ids_to_tokens(p)) for p in lines.prompts] == ["<eos>Once ", "<eos>The w"]
     assert lines.kind.startswith("file:")
+    mix = PromptSource(tok, GenerateSettings(tokens=1, prompts="mix"), max_len=512)
+    draw = mix.for_shard(3, 1)
+    draws = [draw() for _ in range(400)]
+    bos = [d for d in draws if d == [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]]
+    assert mix.kind == "mix" and 150 < len(bos) < 250  # about half the documents start from BOS alone
+    assert all(d in chat.prompts for d in draws if d not in bos)
+    again = mix.for_shard(3, 1)
+    assert [again() for _ in range(400)] == draws
+    plain = char_tokenizer()  # no chat template: mix needs one, and says so
+    with pytest.raises(PromptError, match="no chat template"):
+        PromptSource(plain, GenerateSettings(tokens=1, prompts="mix"), max_len=512)
 
 
 def test_data_self_uses_the_engine_and_caches(tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""Prompts for `ffnfusion generate`: BOS alone, a chat template over built-in instructions, or a user's file."""
+"""Prompts for `ffnfusion generate`: BOS alone, a chat template over built-in instructions, both (mix), or a user's
+file."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ TOPICS = [
     "the violin",
     "space exploration",
 ]
-PROMPT_MODES = ("auto", "bos", "chat")
+PROMPT_MODES = ("auto", "bos", "chat", "mix")
 
 
 class PromptError(ValueError):
@@ -111,16 +112,21 @@ class PromptSource:
         if mode == "auto":
             mode = "chat" if has_chat else "bos"
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.start = start
         if mode == "bos":
             if start is None:
                 raise PromptError("the tokenizer has neither a BOS nor an EOS token to start from: use --prompts FILE")
-            self.prompts, self.kind = [[start]], "bos"
+            self.prompts, self.kind, self.bos_share = [[start]], "bos", 0.0
             return
-        chat = mode == "chat" or settings.prompt_format == "chat"
+        # mix: half the documents from BOS alone (the model's free text), half answers to the instructions.
+        self.bos_share = 0.5 if mode == "mix" else 0.0
+        if mode == "mix" and start is None:
+            raise PromptError("the tokenizer has neither a BOS nor an EOS token to start from: use --prompts chat")
+        chat = mode in ("chat", "mix") or settings.prompt_format == "chat"
         if chat and not has_chat:
             raise PromptError("the tokenizer has no chat template: use --prompts bos or a prompts file as text")
-        if mode == "chat":
-            texts, self.kind = [task.format(t=topic) for task in TASKS for topic in TOPICS], "chat"
+        if mode in ("chat", "mix"):
+            texts, self.kind = [task.format(t=topic) for task in TASKS for topic in TOPICS], mode
         else:
             path = Path(mode).expanduser()
             texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -147,4 +153,10 @@ class PromptSource:
 
     def for_shard(self, seed: int, shard: int) -> Callable[[], list[int]]:
         rng = random.Random(f"{seed}:{shard}")
-        return lambda: self.prompts[rng.randrange(len(self.prompts))]
+
+        def draw() -> list[int]:
+            if self.bos_share and rng.random() < self.bos_share:
+                return [self.start]
+            return self.prompts[rng.randrange(len(self.prompts))]
+
+        return draw

@@ -27,7 +27,9 @@ class GenerateSettings(BaseModel):
     top_p: float = Field(0.95, description="nucleus sampling mass (1: the whole vocabulary)")
     seed: int = Field(0, description="seeds the sampling and the prompt choice")
     prompts: str = Field(
-        "auto", description="auto (chat models: chat template + built-in instructions; else BOS), bos, chat, FILE"
+        "auto",
+        description="auto (chat models: chat template + built-in instructions; else BOS), bos, chat, mix (half BOS, "
+        "half chat), FILE",
     )
     prompt_format: str = Field("text", description="FILE lines are `text` or `chat` turns")
     prompt_tokens: int = Field(64, description="keep at most this many tokens of each prompt")
@@ -51,7 +53,7 @@ class GenerateSettings(BaseModel):
         if self.prompt_format not in ("text", "chat"):
             problems.append(f"--prompt-format {self.prompt_format!r}: use text or chat")
         if self.prompts not in PROMPT_MODES and not Path(self.prompts).expanduser().is_file():
-            problems.append(f"--prompts {self.prompts!r} is neither auto, bos, chat nor a readable file")
+            problems.append(f"--prompts {self.prompts!r} is neither auto, bos, chat, mix nor a readable file")
         if problems:
             raise GenerateError("; ".join(problems) + ".")
 
