@@ -19,7 +19,6 @@ from ffnfusion.analyze.data_parallel import DataParallel
 from ffnfusion.analyze.data_parallel import from_environment as data_parallel_from_environment
 from ffnfusion.analyze.identity import model_fingerprint, model_identity
 from ffnfusion.analyze.measure import Measurements, measure, planned_evals
-from ffnfusion.analyze.progress import progress_bar
 from ffnfusion.analyze.record import build_analysis, write_figures
 from ffnfusion.analyze.settings import AnalyzeSettings
 from ffnfusion.analyze.streamed_model import measure_streamed_model, stream_progress_path
@@ -36,6 +35,7 @@ from ffnfusion.formats.settings import settings_from
 from ffnfusion.io.checkpoint import atomic_output_dir
 from ffnfusion.io.device import device_name, resolve_device, resolve_dtype
 from ffnfusion.io.output import Input, check_output_dir
+from ffnfusion.io.progress import progress_bar
 from ffnfusion.io.source import (
     ModelSource,
     ModelSourceError,

@@ -19,8 +19,8 @@ import torch
 from ffnfusion.analyze.data_parallel import DataParallel
 from ffnfusion.analyze.identity import getter_fingerprint, model_identity
 from ffnfusion.analyze.measure import Measurements
-from ffnfusion.analyze.progress import progress_bar
 from ffnfusion.formats.analysis import ModelIdentity
+from ffnfusion.io.progress import progress_bar
 from ffnfusion.io.source import ModelSource, dispatched_loader
 
 

@@ -35,7 +35,11 @@ class GenerateSettings(BaseModel):
     prompt_tokens: int = Field(64, description="keep at most this many tokens of each prompt")
     batch_size: int | None = Field(None, description="slots (default: up to 512 on GPU, 32 on CPU, as memory allows)")
     shard_tokens: int = Field(2**23, description="tokens per shard (the unit a killed run resumes from)")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    dtype: str = Field(
+        "auto",
+        description="auto (bf16 where the hardware computes it natively: GPUs, CPUs with AMX or AVX512-BF16; else "
+        "fp32), float32, bfloat16, float16",
+    )
     sync_every: int = 16  # decode steps between host syncs of the sampling engine (not an option)
 
     def validate(self) -> None:

@@ -16,6 +16,7 @@ import torch
 from ffnfusion.formats.corpus import CorpusManifest, CorpusWriter, ModelFingerprint, open_corpus
 from ffnfusion.generate.prompts import PromptSource
 from ffnfusion.generate.settings import GenerateError, GenerateSettings
+from ffnfusion.io.progress import progress_bar
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -29,9 +30,17 @@ def doc_hash(tokens: list[int]) -> int:
 
 
 def generate_shard(
-    engine: Any, next_prompt: Callable[[], list[int]], sequences: int, seq_len: int, seed: int, sync_every: int = 16
+    engine: Any,
+    next_prompt: Callable[[], list[int]],
+    sequences: int,
+    seq_len: int,
+    seed: int,
+    sync_every: int = 16,
+    advance: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`sequences` x `seq_len` tokens of documents packed back to back, and the documents' (hash, length, stopped)."""
+    """`sequences` x `seq_len` tokens of documents packed back to back, and the documents' (hash, length, stopped).
+
+    `advance(k)` is told of every k tokens written (a progress bar)."""
     need = sequences * seq_len
     stream = np.empty(need + engine.max_len, dtype=np.int64)
     filled, docs = 0, []
@@ -39,6 +48,8 @@ def generate_shard(
         take = min(len(doc.tokens), need - filled)
         stream[filled : filled + take] = doc.tokens[:take]
         filled += take
+        if advance is not None:
+            advance(take)
         docs.append((doc_hash(doc.tokens), len(doc.tokens), int(doc.stopped)))
         if filled >= need:
             break
@@ -74,27 +85,31 @@ def write_corpus(
     total_sequences: int,
     settings: GenerateSettings,
     log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> CorpusManifest:
     """Generate shards until the corpus holds `total_sequences`; then measure diversity and finish the manifest."""
     m = writer.manifest
     per_shard = max(1, m.settings["shard_sequences"])
-    while m.sequences < total_sequences:
-        index, n = writer.next_index, min(per_shard, total_sequences - m.sequences)
-        t0 = time.perf_counter()
-        tokens, docs = generate_shard(
-            engine,
-            prompts.for_shard(settings.seed, index),
-            n,
-            m.seq_len,
-            shard_seed(settings.seed, index),
-            settings.sync_every,
-        )
-        writer.write_shard(tokens, docs)
-        rate = tokens.size / (time.perf_counter() - t0)
-        log(
-            f"shard {index}: {n} sequences, {len(docs)} documents, {rate:,.0f} tokens/s "
-            f"({m.sequences:,}/{total_sequences:,} sequences)"
-        )
+    total, done = total_sequences * m.seq_len, m.sequences * m.seq_len
+    with progress_bar(progress, total, "writing corpus", "tokens", completed=done) as advance:
+        while m.sequences < total_sequences:
+            index, n = writer.next_index, min(per_shard, total_sequences - m.sequences)
+            t0 = time.perf_counter()
+            tokens, docs = generate_shard(
+                engine,
+                prompts.for_shard(settings.seed, index),
+                n,
+                m.seq_len,
+                shard_seed(settings.seed, index),
+                settings.sync_every,
+                advance,
+            )
+            writer.write_shard(tokens, docs)
+            rate = tokens.size / (time.perf_counter() - t0)
+            log(
+                f"shard {index}: {n} sequences, {len(docs)} documents, {rate:,.0f} tokens/s "
+                f"({m.sequences:,}/{total_sequences:,} sequences)"
+            )
     return writer.finish(diversity(open_corpus(writer.folder)))
 
 

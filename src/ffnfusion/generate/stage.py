@@ -139,7 +139,7 @@ class _Job:
 
 
 def _prepare(model: str, out: Path, settings: GenerateSettings, overwrite: bool, resume: bool, device: str) -> _Job:
-    from ffnfusion.io.device import parse_dtype
+    from ffnfusion.io.device import resolve_dtype
     from ffnfusion.io.output import check_output_dir
     from ffnfusion.io.source import resolve_model
 
@@ -161,11 +161,7 @@ def _prepare(model: str, out: Path, settings: GenerateSettings, overwrite: bool,
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
-    dtype = (
-        (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        if settings.dtype == "auto"
-        else parse_dtype(settings.dtype)
-    )
+    dtype = resolve_dtype(settings.dtype, dev)  # auto: bf16 where the hardware computes it natively, as every stage
     prompts = PromptSource(tokenizer, settings, settings.seq_len)
     batch = settings.batch_size or (existing.settings["batch_size"] if existing else None)
     batch = batch or default_batch(dev, slot_bytes(config, settings.seq_len, dtype.itemsize))

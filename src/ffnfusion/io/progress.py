@@ -1,4 +1,5 @@
-"""The progress bar of `analyze` (in memory and streamed): sub-block evaluations done out of those planned."""
+"""The progress bar of long stages: `analyze` (sub-block evaluations), `generate` and `--data self` (tokens
+written)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def progress_bar(show: bool, total: int, description: str) -> Iterator[Callable[[int], None] | None]:
+def progress_bar(
+    show: bool, total: int, description: str, unit: str = "sub-blocks", completed: int = 0
+) -> Iterator[Callable[[int], None] | None]:
+    """A rich bar of `total` units (`completed` of them already done); yields `advance(k)`, or None when hidden."""
     if not show:
         yield None
         return
@@ -24,10 +28,10 @@ def progress_bar(show: bool, total: int, description: str) -> Iterator[Callable[
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("sub-blocks"),
+        TextColumn(unit),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total)
+        task = bar.add_task(description, total=total, completed=completed)
         yield lambda k: bar.advance(task, k)
