@@ -13,8 +13,13 @@ token) and MFU against `--peak-tflops` (bf16, measured on the H200 at about 790)
 A variant is NAME:BATCH with NAME one of: old (loss_impl plain, no compile), chunked (eager chunk kernel),
 chunked-c (compiled chunk kernel, the default), chunked-all (also torch.compile of both models), liger
 (liger-kernel's LigerFusedLinearJSDLoss, if importable), manual-c (the chunked-c step in a bare loop with fused
-AdamW, no Trainer: Trainer's overhead), auto (the automatic batch size heal would pick, then chunked-c); a
-`-gc` suffix turns on gradient checkpointing.
+AdamW, no Trainer: Trainer's overhead), auto (the automatic batch size heal would pick, then chunked-c), product
+(the automatic batch size and `ffnfusion heal`'s own TrainingArguments, e.g. no per-step NaN filter; BATCH is
+ignored); a `-gc` suffix turns on gradient checkpointing.
+
+`--timing step` (the default) synchronises CUDA at every step end and reports the median step; `--timing window`
+synchronises only when warm-up ends and at the last step and reports the mean step of that window, so a host sync
+inside the training step itself (Trainer's NaN filter) shows in the figure instead of being hidden by the timer's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,10 +80,15 @@ def peak_gib() -> float:
 
 
 class StepTimer(TrainerCallback):
-    def __init__(self) -> None:
+    """Step-end times; `window_from` set: only at that step and the last (no sync in between)."""
+
+    def __init__(self, window_from: int | None = None) -> None:
         self.times: list[float] = []
+        self.window_from = window_from
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.window_from is not None and state.global_step not in (self.window_from, state.max_steps):
+            return
         sync()
         self.times.append(time.perf_counter())
 
@@ -170,17 +181,18 @@ def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: A
         loss_impl="plain" if base == "old" else "chunked",
         compile={"old": "none", "chunked": "none", "chunked-all": "all"}.get(base, "loss"),
     )
+    window = a.timing == "window" and base != "manual-c"
     student = make_student()
     n_steps = a.warmup + a.steps
     gen = torch.Generator().manual_seed(0)
     vocab = teacher.config.vocab_size
     reset_peak()
-    if base == "auto":
+    if base in ("auto", "product"):
         args = TrainingArguments(
             output_dir=tempfile.mkdtemp(), report_to="none", bf16=DEVICE == "cuda", use_cpu=DEVICE != "cuda"
         )
         seqs = torch.randint(0, vocab, (4096, a.seq_len), generator=gen)
-        batch = heal_mod._auto_batch_size(student, teacher, seqs, settings, args, student.num_parameters())
+        batch = heal_trainer.probe_batch_size(student, teacher, seqs, settings, args, student.num_parameters())
         settings.batch_size = batch
         reset_peak()
     seqs = torch.randint(0, vocab, (batch * n_steps, a.seq_len), generator=gen)
@@ -196,7 +208,7 @@ def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: A
         if base == "manual-c":
             times = manual_loop(student, teacher, seqs, settings, batch)
         else:
-            timer = StepTimer()
+            timer = StepTimer(a.warmup if window else None)
             args = TrainingArguments(
                 output_dir=tempfile.mkdtemp(),
                 per_device_train_batch_size=batch,
@@ -215,6 +227,9 @@ def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: A
                 disable_tqdm=True,
                 torch_compile=base == "chunked-all",
             )
+            if base == "product":
+                args = heal_mod._training_args(settings, Path(tempfile.mkdtemp()), save_steps=10**9, logging_steps=10)
+                args.per_device_train_batch_size, args.max_steps, args.save_strategy = batch, n_steps, "no"
             trainer = DistillationTrainer(
                 model=student,
                 args=args,
@@ -231,8 +246,12 @@ def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: A
     finally:
         heal_trainer.chunked_distillation_loss = original_loss
         bf16_rope(False)
-    steps = [b - a_ for a_, b in itertools.pairwise(times)][a.warmup :]
-    median = statistics.median(steps)
+    if window:
+        median = (times[-1] - times[1]) / a.steps
+        steps = [median]
+    else:
+        steps = [b - a_ for a_, b in itertools.pairwise(times)][a.warmup :]
+        median = statistics.median(steps)
     tps = batch * a.seq_len / median
     result = {
         "variant": name,
@@ -244,7 +263,8 @@ def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: A
         "tflops": tps * flops_token / 1e12,
         "mfu": tps * flops_token / 1e12 / a.peak_tflops,
         "peak_mem_gib": peak_gib(),
-        "first_step_s": times[1] - times[0],
+        "first_step_s": None if window else times[1] - times[0],
+        "timing": "window" if window else "step",
     }
     del student
     garbage.collect()
@@ -311,6 +331,7 @@ def main() -> None:
     p.add_argument("--variants", default="old:16,chunked:16,chunked-c:16,chunked-c:32,chunked-c:64")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--timing", choices=("step", "window"), default="step")
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--check", action="store_true", help="compare the losses and gradients first")
     p.add_argument("--out", default=None)

@@ -217,6 +217,47 @@ def test_data_self_uses_the_engine_and_caches(tmp_path) -> None:
     assert isinstance(lazy, CorpusRows) and torch.equal(lazy[:], a)
 
 
+def test_runs_sharing_the_cache_wait_for_one_writer(tmp_path) -> None:
+    """A second run asking for the same self-written corpus waits for the lock instead of rewriting the shards."""
+    import threading
+
+    from filelock import FileLock
+
+    model, tok = tiny_model("llama"), char_tokenizer()
+    loaded = threading.Event()
+
+    def loader():
+        loaded.set()
+        return model
+
+    a = calibration_tokens("self", tok, 4, 16, seed=1, model=model, model_key="k", cache_dir=tmp_path)
+    (lock_path,) = (tmp_path / "self_corpus").glob("*.lock")
+    result: dict = {}
+
+    def other_run():
+        result["b"] = calibration_tokens("self", tok, 4, 16, seed=2, model=loader, model_key="k", cache_dir=tmp_path)
+
+    # Seed 2 is another corpus (another folder and lock): it proceeds while seed 1's lock is held.
+    with FileLock(str(lock_path)):
+        thread = threading.Thread(target=other_run)
+        thread.start()
+        assert loaded.wait(30), "a different corpus must not wait for another corpus' lock"
+        thread.join(60)
+    loaded.clear()
+    with FileLock(str(lock_path)):
+        thread = threading.Thread(
+            target=lambda: result.update(
+                c=calibration_tokens("self", tok, 4, 16, seed=1, model=loader, model_key="k", cache_dir=tmp_path)
+            )
+        )
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive(), "the same corpus must wait while another run holds its lock"
+    thread.join(60)
+    assert not loaded.is_set() and torch.equal(result["c"], a)  # read from the finished cache, never regenerated
+    assert result["b"].shape == (4, 16) and not torch.equal(result["b"], a)
+
+
 def test_a_corpus_folder_is_training_and_calibration_data(teacher, tmp_path) -> None:
     """heal/analyze/run take a generated corpus as --data: its token ids, cut at any length, never re-tokenised."""
     from transformers import AutoTokenizer

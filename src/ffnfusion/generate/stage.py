@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from ffnfusion.formats.corpus import (
     CorpusManifest,
@@ -200,6 +201,23 @@ def self_corpus_tokens(
     settings = GenerateSettings(tokens=samples * seq_len, seq_len=seq_len, top_p=1.0, seed=seed)
     digest = hashlib.sha256(f"{key}|{samples}|{seq_len}|{seed}|engine-v1".encode()).hexdigest()[:16]
     folder = Path(cache_dir or default_cache_dir()) / "self_corpus" / digest
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Runs sharing the cache (variants of one study side by side) wait for one writer instead of each deleting
+    # and rewriting the other's half-written shards.
+    with FileLock(f"{folder}.lock"):
+        return _cached_self_corpus(model, tokenizer, samples, seq_len, folder, settings, key, lazy)
+
+
+def _cached_self_corpus(
+    model: Any,
+    tokenizer: Any,
+    samples: int,
+    seq_len: int,
+    folder: Path,
+    settings: GenerateSettings,
+    key: str,
+    lazy: bool,
+) -> torch.Tensor | CorpusRows | None:
     if is_corpus(folder) and (corpus := open_corpus(folder)).manifest.complete and len(corpus) >= samples:
         corpus.check_tokenizer(tokenizer)
         return _rows(corpus, samples, lazy)
