@@ -78,12 +78,22 @@ def prepare(args: argparse.Namespace) -> list[Path]:
     return folders
 
 
-def measure(args: argparse.Namespace, folders: list[Path]) -> None:
-    """Plan, fuse, heal and evaluate the variants (N at a time), then bench each one alone."""
+def measure(args: argparse.Namespace, folders: list[Path]) -> list[Path]:
+    """Plan, fuse, heal and evaluate the variants (N at a time), then bench each one alone. A variant that fails
+    (out of memory with too many --jobs, say) is reported and left for a rerun; the others go on. Returns the
+    variants that finished."""
+
+    def attempt(folder: Path, *extra: str) -> bool:
+        try:
+            ffnfusion_run(args.model, folder, *extra)
+            return True
+        except subprocess.CalledProcessError:
+            print(f"{folder.name} failed: see {folder.parent / folder.name}.log; rerun to resume it", flush=True)
+            return False
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda f: ffnfusion_run(args.model, f, "--skip", "bench,report"), folders))
-    for folder in folders:
-        ffnfusion_run(args.model, folder)
+        ok = list(pool.map(lambda f: attempt(f, "--skip", "bench,report"), folders))
+    return [folder for folder, good in zip(folders, ok, strict=True) if good and attempt(folder)]
 
 
 def row(folder: Path) -> dict:
@@ -198,11 +208,18 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=1, help="variants healed at once on the one GPU")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="variants healed at once on the one GPU; give --heal-batch-size so that N heals fit its memory",
+    )
     args = p.parse_args()
     folders = prepare(args)
-    measure(args, folders)
-    rows = [row(f) for f in folders]
+    finished = measure(args, folders)
+    if not finished:
+        raise SystemExit("no variant finished; see the logs in the work folder")
+    rows = [row(f) for f in finished]
     print(write_table(rows, Path(args.work)))
     plot(rows, Path(args.work) / "frontier.png")
 

@@ -10,6 +10,8 @@ import pytest
 
 from analysis_fakes import save_with_tokenizer, text_file
 from conftest import tiny_model
+from ffnfusion.heal.settings import CHECKPOINTS_VERB
+from ffnfusion.io.output import write_marker
 from ffnfusion.pipeline import HEAL_TOKENS_MIN, Run, RunConfig, run
 
 
@@ -60,3 +62,29 @@ def test_a_given_token_budget_is_honoured(setup, tmp_path) -> None:
     assert status["heal"] == "ran"
     summary = json.loads((tmp_path / "out" / "healed" / "heal_summary.json").read_text())["result"]
     assert summary["tokens"] == 4 * 32 * 3 and summary["steps"] == 3
+
+
+def test_a_heal_killed_before_its_first_checkpoint_starts_again(setup, tmp_path) -> None:
+    """Re-running after a heal died before saving any checkpoint (e.g. out of memory) heals from step 0."""
+    model, text = setup
+    sections = {
+        "data": str(text),
+        "device": "cpu",
+        "analyze": {"samples": 4, "seq_len": 32, "max_window": 4},
+        "plan": {"remove_attention": 2},
+        "fuse": {"allow_any_width": True},
+        "heal": {"tokens": 4 * 32 * 2, "seq_len": 32, "batch_size": 4},
+    }
+    out = tmp_path / "out"
+    assert run(str(model), out, stop_after="fuse", log=lambda _m: None, **sections)["fuse"] == "ran"
+    # What a heal leaves when it dies during its first steps: its settings, no checkpoint-N folder.
+    checkpoints = out / "healed.checkpoints"
+    checkpoints.mkdir()
+    write_marker(checkpoints, CHECKPOINTS_VERB)
+    (checkpoints / "heal_settings.json").write_text(json.dumps({"batch_size": 4}))
+    messages: list[str] = []
+    status = run(str(model), out, stop_after="heal", log=messages.append, **sections)
+    assert status["heal"] == "ran"
+    summary = json.loads((out / "healed" / "heal_summary.json").read_text())["result"]
+    assert summary["steps"] == 2
+    assert any("no checkpoint" in m and "step 0" in m for m in messages)

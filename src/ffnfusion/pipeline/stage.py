@@ -237,14 +237,20 @@ class Run:
         options = self.heal_options()
         settings = HealSettings(**{k: v for k, v in options.items() if k in setting_names})
         extra = {k: v for k, v in options.items() if k not in setting_names}
+        from transformers.trainer_utils import get_last_checkpoint
+
         checkpoints = self.path("healed.checkpoints")
+        resume = checkpoints.is_dir() and get_last_checkpoint(str(checkpoints)) is not None
+        if checkpoints.is_dir() and not resume:
+            # An earlier heal died before its first checkpoint (out of memory, killed): nothing to continue.
+            self.log(f"heal: no checkpoint in {checkpoints} from the interrupted heal; healing again from step 0")
         summary = heal(
             self.path("fused"),
             cfg.model,
             self.path("healed"),
             settings,
             overwrite=True,
-            resume=checkpoints.is_dir() and any(checkpoints.iterdir()),
+            resume=resume,
             checkpoint_dir=checkpoints,
             **extra,
         )
