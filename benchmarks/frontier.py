@@ -9,8 +9,8 @@ decode latency against sequential sub-blocks.
 Every variant is an ordinary run folder (work/d45-auto/ ...) made from one shared analysis (work/base), so each row
 can be inspected, reported or resumed like any run, and the script itself resumes: rerun it and finished stages
 are skipped. Healing text is `self` (the model writes it; one corpus, cached, shared by every variant), so the
-evaluation text is never trained on. With --jobs N the analysis-to-eval stages of N variants share the GPU (a small
-model leaves most of it idle); `bench` then runs variant by variant, alone, so latencies are not disturbed.
+evaluation text is never trained on. With --jobs N the plan and fuse stages of N variants run at once; heal, eval
+and bench then run variant by variant, alone, so each heal has the whole GPU and latencies are not disturbed.
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ def prepare(args: argparse.Namespace) -> list[Path]:
 
 
 def measure(args: argparse.Namespace, folders: list[Path]) -> list[Path]:
-    """Plan, fuse, heal and evaluate the variants (N at a time), then bench each one alone. A variant that fails
-    (out of memory with too many --jobs, say) is reported and left for a rerun; the others go on. Returns the
-    variants that finished."""
+    """Plan and fuse the variants N at a time (mostly host work: loading, measuring recipes), then heal, evaluate and
+    bench each alone: one heal fills the GPU (heals sharing it ran no faster in all, and ran out of memory), and a
+    latency is measured with nothing else running. A variant that fails is reported and left for a rerun; the
+    others go on. Returns the variants that finished."""
 
     def attempt(folder: Path, *extra: str) -> bool:
         try:
@@ -92,8 +93,8 @@ def measure(args: argparse.Namespace, folders: list[Path]) -> list[Path]:
             return False
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        ok = list(pool.map(lambda f: attempt(f, "--skip", "bench,report"), folders))
-    return [folder for folder, good in zip(folders, ok, strict=True) if good and attempt(folder)]
+        fused = list(pool.map(lambda f: attempt(f, "--stop-after", "fuse"), folders))
+    return [folder for folder, good in zip(folders, fused, strict=True) if good and attempt(folder)]
 
 
 def row(folder: Path) -> dict:
@@ -212,7 +213,7 @@ def main() -> None:
         "--jobs",
         type=int,
         default=1,
-        help="variants healed at once on the one GPU; give --heal-batch-size so that N heals fit its memory",
+        help="variants planned and fused at once (heal, eval and bench run one variant at a time)",
     )
     args = p.parse_args()
     folders = prepare(args)

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ffnfusion.io.progress import progress_bar
+
 
 class EvalError(ValueError):
     """Evaluation input that cannot be used: bad settings, mismatched tokenizers, unknown tasks."""
@@ -83,12 +85,6 @@ def _check_vocab(model: torch.nn.Module, token_stream: torch.Tensor, name: str =
             f"the text holds token id {int(token_stream.max())} but the {name}'s vocabulary has {vocab} entries: "
             "was it tokenized with another model's tokenizer?"
         )
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tok", disable=not enabled, dynamic_ncols=True)
 
 
 # Elements of one [tokens, vocab] temporary: a batch's scored positions are reduced this many logits at a time
@@ -221,7 +217,8 @@ def score_windows(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, KL(reference || model), top-1 agreements
     total_tokens = 0
     desc = "perplexity" if reference is None else "perplexity, fidelity"
-    with _progress(stream.numel() - 1, desc, progress) as bar:
+    # rich, like every stage's bar: in a log file it writes the finished bar once, not a line per update
+    with progress_bar(progress, stream.numel() - 1, desc, unit="tokens") as advance:
         for ids, targets, mask, n in _batches(stream, windows, batch_size):
             logits = _NextTokenLogits(model, ids)
             ref = None
@@ -234,7 +231,8 @@ def score_windows(
                     )
             _score_batch(logits, ref, mask, targets, n, sums)
             total_tokens += n
-            bar.update(n)
+            if advance is not None:
+                advance(n)
             del logits, ref
     nll, kl, agree = sums.tolist()
     common = {"tokens": total_tokens, "windows": len(windows), "context_len": context_len, "stride": stride}

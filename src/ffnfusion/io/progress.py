@@ -1,5 +1,5 @@
-"""The progress bar of long stages: `analyze` (sub-block evaluations), `generate` and `--data self` (tokens
-written)."""
+"""The progress bar of long stages: `analyze` (sub-block evaluations), `eval` (tokens scored), `generate` and
+`--data self` (tokens written)."""
 
 from __future__ import annotations
 
