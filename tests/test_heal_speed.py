@@ -112,3 +112,58 @@ def test_bad_budgets_are_refused_before_any_work(setup, tmp_path, extra, message
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.checkpoints").exists()
     with pytest.raises(HealError):
         HealSettings(data=["x"], seq_len=32, tokens=0).check()
+
+
+class _FakeCudaMemory:
+    """A device of `total` bytes whose training step at batch b peaks at base + b * per_seq, plus `spike` bytes at
+    b=2 only (what makes the b=1 -> b=2 estimate err high, like a loss buffer that stops growing), and runs out of
+    memory above `oom_from` sequences."""
+
+    def __init__(self, monkeypatch, total: int, base: int, per_seq: int, spike: int = 0, oom_from: int = 10**9):
+        self.total, self.base, self.per_seq, self.spike, self.oom_from = total, base, per_seq, spike, oom_from
+        self.peak, self.tried = 0, []
+        for name in ("synchronize", "empty_cache"):
+            monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: setattr(self, "peak", 0))
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: self.peak)
+        props = type("Props", (), {"total_memory": total})()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: props)
+
+    def step(self, b: int) -> None:
+        self.tried.append(b)
+        if b >= self.oom_from:
+            raise torch.cuda.OutOfMemoryError("fake: out of memory")
+        self.peak = self.base + b * self.per_seq + (self.spike if b == 2 else 0)
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("per_seq_mib", "spike_gib", "oom_from", "expected"),
+    [
+        (400, 0, 10**9, 128),  # the estimate is right: the target (65,536 tokens / 512 = 128) fits at once
+        (400, 2, 10**9, 128),  # the estimate errs high (picks 32): the doublings to 128 are measured and kept
+        (700, 2, 10**9, 64),  # 128 would pass 90% of the device: stops at 64
+        (400, 2, 128, 64),  # 128 runs out of memory: caught, 64 kept
+    ],
+)
+def test_auto_batch_size_measures_the_doublings_up_to_the_target(
+    monkeypatch, per_seq_mib, spike_gib, oom_from, expected
+) -> None:
+    from ffnfusion.heal.budget import auto_batch_size
+
+    fake = _FakeCudaMemory(monkeypatch, 100 * GIB, 10 * GIB, per_seq_mib * 2**20, spike_gib * GIB, oom_from)
+    chosen = auto_batch_size(fake.step, 512, torch.device("cuda"), fixed_bytes=GIB, upper=4096)
+    assert chosen == expected
+    # Every measured batch stayed within 90% of the device less the optimizer state, or was refused.
+    assert fake.base + chosen * fake.per_seq <= 0.9 * fake.total - GIB
+    assert auto_batch_size(fake.step, 512, torch.device("cuda"), fixed_bytes=GIB, upper=16) <= 16
+
+
+def test_auto_batch_size_says_what_to_change_when_one_sequence_does_not_fit(monkeypatch) -> None:
+    from ffnfusion.heal.budget import auto_batch_size
+
+    fake = _FakeCudaMemory(monkeypatch, 100 * GIB, 10 * GIB, 400 * 2**20, oom_from=1)
+    with pytest.raises(ValueError, match="--gradient-checkpointing"):
+        auto_batch_size(fake.step, 512, torch.device("cuda"), fixed_bytes=GIB, upper=4096)

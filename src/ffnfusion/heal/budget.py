@@ -228,32 +228,50 @@ def auto_batch_size(
     """Sequences per micro-batch for throughput: `target_tokens` worth, as far as the device memory allows.
 
     On CUDA, `step(b)` (a training forward + backward at micro-batch b) runs at b=1 and b=2; the growth of peak
-    memory between them is the activation memory per sequence, which sizes the batch for 90% of the device's
-    memory, less `fixed_bytes` (optimizer state not yet allocated). Elsewhere: CPU_BATCH_SIZE. A power of two,
-    at most `upper` (the sequences available, or the token budget).
+    memory between them estimates the activation memory per sequence, which sizes the batch for 90% of the device's
+    memory, less `fixed_bytes` (optimizer state not yet allocated). The estimate errs high (parts of a step stop
+    growing with the batch, like the loss's capped logit chunks), so each doubling up to the target is then run
+    and kept while its measured peak stays inside the same 90%. Elsewhere: CPU_BATCH_SIZE. A power of two, at
+    most `upper` (the sequences available, or the token budget).
     """
     want = max(1, target_tokens // seq_len)
     if device.type != "cuda":
         return max(1, min(CPU_BATCH_SIZE, upper))
-    peaks = []
-    for b in (1, 2):
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        step(b)
-        torch.cuda.synchronize(device)
-        peaks.append(torch.cuda.max_memory_allocated(device))
+    peaks = [_peak_bytes(step, b, device) for b in (1, 2)]
+    if None in peaks:
+        raise ValueError(_TOO_BIG.format(seq_len=seq_len))
     per_sequence = max(1, peaks[1] - peaks[0])
     base = peaks[0] - per_sequence
-    total = torch.cuda.get_device_properties(device).total_memory
-    room = int(0.9 * total) - fixed_bytes - base
-    fits = room // per_sequence
+    limit = int(0.9 * torch.cuda.get_device_properties(device).total_memory) - fixed_bytes
+    fits = (limit - base) // per_sequence
     if fits < 1:
-        raise ValueError(
-            f"one sequence of {seq_len} tokens does not fit the device memory for training: use "
-            "--gradient-checkpointing, a shorter --seq-len, or --scope changed."
-        )
-    chosen = max(1, min(want, fits, upper))
-    chosen = 1 << (chosen.bit_length() - 1)
+        raise ValueError(_TOO_BIG.format(seq_len=seq_len))
+    ceiling = max(1, min(want, upper))
+    chosen = 1 << (min(fits, ceiling).bit_length() - 1)
+    while chosen * 2 <= ceiling:
+        peak = _peak_bytes(step, chosen * 2, device)
+        if peak is None or peak > limit:
+            break
+        chosen *= 2
     log.info("auto batch size: %d sequences (%.1f MiB activations per sequence)", chosen, per_sequence / 2**20)
     return chosen
+
+
+_TOO_BIG = (
+    "one sequence of {seq_len} tokens does not fit the device memory for training: use --gradient-checkpointing, a "
+    "shorter --seq-len, or --scope changed."
+)
+
+
+def _peak_bytes(step: Callable[[int], None], batch: int, device: torch.device) -> int | None:
+    """Peak CUDA bytes allocated while `step(batch)` runs; None when it runs out of memory."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step(batch)
+        torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+    return torch.cuda.max_memory_allocated(device)

@@ -256,6 +256,8 @@ def probe_batch_size(
     try:
         # AdamW's two fp32 moments per trainable parameter are not allocated yet; leave 1 GiB besides.
         return auto_batch_size(step, settings.seq_len, device, 8 * trainable + 2**30, upper)
+    except ValueError as e:  # not even one sequence fits: say what to change, not where torch stopped
+        raise HealError(str(e)) from None
     finally:
         student.zero_grad(set_to_none=True)
         if settings.gradient_checkpointing:
