@@ -355,6 +355,31 @@ def test_bad_settings_and_outputs_are_refused(setup, tmp_path: Path) -> None:
         heal(setup["student"], setup["teacher"], tmp_path / "o", settings(setup), resume=True)
 
 
+def test_resume_before_the_first_checkpoint_starts_from_step_0(setup, tmp_path: Path, caplog) -> None:
+    """A heal killed before its first save leaves its folder (marker, settings) and no checkpoint: --resume starts
+    over with a warning instead of refusing."""
+    out = tmp_path / "o"
+    checkpoints = Path(f"{out}.checkpoints")
+    killed = settings(setup)
+
+    class Killed(Exception):
+        pass
+
+    from transformers import TrainerCallback
+
+    class DieAtFirstStep(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            raise Killed
+
+    with pytest.raises(Killed):
+        heal(setup["student"], setup["teacher"], out, killed, callbacks=[DieAtFirstStep()])
+    assert checkpoints.is_dir() and not list(checkpoints.glob("checkpoint-*")) and not out.exists()
+    with caplog.at_level("WARNING", logger="ffnfusion.heal"):
+        summary = heal(setup["student"], setup["teacher"], out, settings(setup), resume=True)
+    assert summary.steps > 0 and (out / "model.safetensors").is_file()
+    assert any("no checkpoint yet" in r.getMessage() and "step 0" in r.getMessage() for r in caplog.records)
+
+
 def test_packed_sequences_are_consecutive_windows_of_the_stream(setup) -> None:
     tok = char_tokenizer()
     seqs = packed_sequences(str(setup["text"]), tok, 32)

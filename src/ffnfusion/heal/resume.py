@@ -99,7 +99,14 @@ def _check_resume(checkpoint_dir: Path, settings: HealSettings, resume: bool) ->
             )
         return None
     if last is None:
-        raise HealError(f"--resume: no checkpoint found in {checkpoint_dir}.")
+        if not saved.is_file():
+            raise HealError(
+                f"--resume: no checkpoint found in {checkpoint_dir}: no heal was started with this --out; drop "
+                "--resume to start one, or give the --out of the heal to continue."
+            )
+        # The interrupted heal stopped before its first save: nothing to continue, and nothing lost by starting over.
+        log.warning("--resume: %s holds no checkpoint yet: starting from step 0.", checkpoint_dir)
+        return None
     if saved.is_file():
         before = json.loads(saved.read_text())
         if settings.batch_size is None and before.get("batch_size"):
