@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ffnfusion.engine.kernels import TritonOps, rotate_half
 from ffnfusion.engine.sampling import RowPositionOps
+from ffnfusion.engine.top_p_kernel import top_p_sample
 
 SHAPES = ((3, 4, 4, 2, 16), (2, 1, 6, 2, 32), (1, 5, 3, 3, 16))  # batch, seq, heads, kv heads, head dim
 
@@ -60,6 +61,39 @@ def attention_error(dtype: torch.dtype, batch: int, heads: int, kv: int, d: int,
     return (want - got.float()).abs().max().item()
 
 
+def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The nucleus distribution: tokens whose strictly more probable tokens hold less than top_p, renormalised."""
+    p = (logits.float() / temperature).softmax(-1)
+    above = torch.stack([p[p > x].sum() for x in p])
+    q = torch.where(above < top_p, p, 0.0)
+    return q / q.sum()
+
+
+def top_p_check(vocab: int, block: int, temperature: float, top_p: float, dtype: torch.dtype, n: int) -> tuple:
+    """(chi-square statistic, its 0.1% critical value, nucleus size, tokens outside the nucleus, reproducible) of n
+    kernel draws from one row of logits repeated n times."""
+    from scipy.stats import chi2
+
+    g = torch.Generator().manual_seed(vocab * 7 + block)
+    logits = torch.randn(vocab, generator=g).to(dtype)
+    rows = logits.expand(n, vocab).contiguous()
+    rng = torch.tensor([1234, 5], dtype=torch.long)
+    draws = top_p_sample(rows, temperature, top_p, rng, block=block)
+    # The same (seed, step, batch) draws the same tokens; the next step others.
+    few = top_p_sample(rows[:16], temperature, top_p, rng, block=block)
+    reproducible = torch.equal(top_p_sample(rows[:16], temperature, top_p, rng, block=block), few)
+    rng[1] += 1
+    moved = not torch.equal(top_p_sample(rows[:16], temperature, top_p, rng, block=block), few)
+    q = nucleus(logits, temperature, top_p)
+    outside = int((q[draws] == 0).sum())
+    support = q > 0
+    counts = torch.bincount(draws, minlength=vocab).float()[support]
+    expected = q[support] * n
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    size = int(support.sum())
+    return stat, float(chi2.ppf(0.999, size - 1)), size, outside, reproducible and moved
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1 (this check runs the kernels in Triton's interpreter, on the CPU)")
@@ -73,6 +107,16 @@ def main() -> int:
             failed += not ok
             print(f"{dtype!s:14} b{batch} s{seq} h{heads}/{kv} d{d}: rope {lockstep:.1e} / {per_row:.1e} "
                   f"(lockstep / per-row), attention {attn:.1e}  {'ok' if ok else 'FAILED'}")  # fmt: skip
+    # The fused top-p sampler: only nucleus tokens, in the nucleus' proportions (chi-square at 0.1%), one draw per
+    # (seed, step, row): vocabularies that are and are not a multiple of the block, temperature != 1, bf16 logits.
+    cases = ((40, 16, 1.0, 0.8, torch.float32), (64, 64, 0.7, 0.9, torch.bfloat16))
+    for vocab, block, temperature, top_p, dtype in cases:
+        stat, critical, size, outside, reproducible = top_p_check(vocab, block, temperature, top_p, dtype, n=1500)
+        ok = stat < critical and outside == 0 and reproducible and size > 4
+        failed += not ok
+        print(f"top-p vocab {vocab} block {block} T {temperature} p {top_p} {dtype!s}: chi-square {stat:.1f} "
+              f"(< {critical:.1f}) over a nucleus of {size}, {outside} outside it, seeded per step {reproducible}  "
+              f"{'ok' if ok else 'FAILED'}")  # fmt: skip
     return 1 if failed else 0
 
 

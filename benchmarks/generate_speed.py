@@ -61,10 +61,41 @@ def step_ms(engine: SamplingEngine, steps: int = 50) -> float:
     return statistics.median(times)
 
 
-def engine_rate(decilm, batch: int, seq_len: int, tokens: int, top_p: float, stop_every: int, repeats: int) -> dict:
+def check_fused_top_p(vocab: int, draws: int = 1 << 20) -> dict:
+    """The fused top-p kernel on the GPU: `draws` samples of one row of logits against the nucleus distribution
+    (chi-square at 0.1%), and no token outside it."""
+    from scipy.stats import chi2
+
+    from ffnfusion.engine.top_p_kernel import top_p_sample
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(vocab, generator=g) * 4).cuda()
+    p = logits.float().softmax(-1)
+    order = p.argsort(descending=True)
+    above = torch.zeros_like(p)
+    above[order] = torch.cumsum(p[order], 0) - p[order]  # ties aside (random logits): mass strictly above
+    q = torch.where(above < 0.95, p, 0.0)
+    q /= q.sum()
+    rng = torch.tensor([7, 0], dtype=torch.long, device="cuda")
+    draws_ = top_p_sample(logits.expand(draws, vocab), 1.0, 0.95, rng)  # stride 0: one row in memory, read by all
+    counts = torch.bincount(draws_, minlength=vocab).float()
+    support = q > 0
+    expected = q[support] * draws
+    stat = float(((counts[support] - expected) ** 2 / expected).sum())
+    critical = float(chi2.ppf(0.999, int(support.sum()) - 1))
+    outside = int(counts[~support].sum())
+    return {"chi_square": stat, "critical_0.1%": critical, "outside_nucleus": outside, "nucleus": int(support.sum()),
+            "ok": stat < critical and outside == 0}  # fmt: skip
+
+
+def engine_rate(
+    decilm, batch: int, seq_len: int, tokens: int, top_p: float, stop_every: int, repeats: int, fused: bool = False
+) -> dict:
     vocab = decilm.config.vocab_size
     stops = list(range(stop_every - 1, vocab, stop_every)) if stop_every else []
-    engine = SamplingEngine(decilm, batch, seq_len, max_prompt=1, stop_ids=stops, temperature=1.0, top_p=top_p)
+    engine = SamplingEngine(
+        decilm, batch, seq_len, max_prompt=1, stop_ids=stops, temperature=1.0, top_p=top_p, fused_top_p=fused
+    )
     sequences = max(1, tokens // seq_len)
     generate_shard(engine, lambda: [0], max(1, batch // 4), seq_len, seed=123)  # warm-up: capture, compile
     rates, doc_lens = [], []
@@ -76,10 +107,12 @@ def engine_rate(decilm, batch: int, seq_len: int, tokens: int, top_p: float, sto
         rates.append(out.size / (time.perf_counter() - t0))
         doc_lens.append(float(docs[:, 1].mean()))
     ms = step_ms(engine)
+    fused = engine.fused_top_p  # False where the kernel does not apply (top-p 1)
     del engine
     torch.cuda.empty_cache()
     return {
-        "batch": batch, "top_p": top_p, "tokens_per_repeat": sequences * seq_len, "tokens_per_s": rates,
+        "batch": batch, "top_p": top_p, "fused_top_p": fused, "tokens_per_repeat": sequences * seq_len,
+        "tokens_per_s": rates,
         "median_tokens_per_s": statistics.median(rates), "step_ms": ms, "step_tokens_per_s": batch / ms * 1e3,
         "mean_document_tokens": statistics.mean(doc_lens),
     }  # fmt: skip
@@ -118,6 +151,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eager-batch", type=int, default=64)
     p.add_argument("--eager-tokens", type=int, default=512)
+    p.add_argument("--fused-top-p", action="store_true", help="also time top-p < 1 with the fused Triton sampler")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -131,15 +165,20 @@ def main() -> None:
     del model
     result["greedy_match"] = check_greedy(decilm, decilm.config.vocab_size)
     print(f"temperature 0 vs greedy DecodeEngine: {result['greedy_match']:.4f} of tokens equal", flush=True)
+    if a.fused_top_p:
+        result["fused_top_p_check"] = check_fused_top_p(decilm.config.vocab_size)
+        print(f"fused top-p kernel vs the nucleus distribution: {result['fused_top_p_check']}", flush=True)
     top_ps = [float(x) for x in a.top_p.split(",")]
     runs = []
     for batch in (int(b) for b in a.batch_sizes.split(",")):
         for top_p in top_ps if batch == int(a.batch_sizes.split(",")[-1]) else top_ps[:1]:
-            r = engine_rate(decilm, batch, a.seq_len, a.tokens, top_p, a.stop_every, a.repeats)
-            runs.append(r)
-            print(f"engine batch {batch} top-p {top_p}: {r['median_tokens_per_s']:,.0f} tokens/s end to end, "
-                  f"step {r['step_ms']:.3f} ms ({r['step_tokens_per_s']:,.0f} tokens/s), "
-                  f"mean document {r['mean_document_tokens']:.0f} tokens", flush=True)  # fmt: skip
+            for fused in (False, True) if a.fused_top_p and top_p < 1 else (False,):
+                r = engine_rate(decilm, batch, a.seq_len, a.tokens, top_p, a.stop_every, a.repeats, fused)
+                runs.append(r)
+                print(f"engine batch {batch} top-p {top_p}{' fused' if fused else ''}: "
+                      f"{r['median_tokens_per_s']:,.0f} tokens/s end to end, "
+                      f"step {r['step_ms']:.3f} ms ({r['step_tokens_per_s']:,.0f} tokens/s), "
+                      f"mean document {r['mean_document_tokens']:.0f} tokens", flush=True)  # fmt: skip
     result["engine"] = runs
     base = result["eager"]["median_tokens_per_s"]
     print(f"\n| {a.shape} ({result['layers']} layers), {device} | batch | top-p | tokens/s | vs eager |")
@@ -147,7 +186,8 @@ def main() -> None:
     print(f"| eager `generate` (today) | {a.eager_batch} | 1.0 | {base:,.0f} | 1.0x |")
     for r in runs:
         speed = r["median_tokens_per_s"]
-        print(f"| sampling engine | {r['batch']} | {r['top_p']} | {speed:,.0f} | {speed / base:.1f}x |")
+        name = "sampling engine, fused top-p" if r["fused_top_p"] else "sampling engine"
+        print(f"| {name} | {r['batch']} | {r['top_p']} | {speed:,.0f} | {speed / base:.1f}x |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)

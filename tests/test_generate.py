@@ -68,6 +68,17 @@ def test_seeded_sampling_is_reproducible() -> None:
     assert run(5) == first and run(6) != first
 
 
+def test_fused_top_p_is_cuda_only_and_falls_back_to_the_torch_rounds() -> None:
+    """Asked for on a CPU (no Triton kernel to run), the fused sampler is off and sampling is the torch path's,
+    seed for seed."""
+    model = fuse_model(tiny_model("llama"), Plan())
+    fused = SamplingEngine(model, 3, 16, max_prompt=1, temperature=1.0, top_p=0.9, fused_top_p=True)
+    plain = SamplingEngine(model, 3, 16, max_prompt=1, temperature=1.0, top_p=0.9)
+    assert not fused.fused_top_p
+    docs = [[d.tokens for d in e.documents(lambda: [1], 32, 5)] for e in (fused, plain)]
+    assert docs[0] == docs[1]
+
+
 def test_top_p_samples_only_the_nucleus() -> None:
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(20000, 4)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ffnfusion.engine import top_p_kernel
 from ffnfusion.engine.decode import DecodeEngine
 from ffnfusion.engine.kernels import TritonOps, rotate_half
 
@@ -132,6 +133,7 @@ class SamplingEngine(DecodeEngine):
         top_p: float = 1.0,
         kernels: str = "auto",
         use_graphs: bool | None = None,
+        fused_top_p: bool = False,
     ):
         super().__init__(model, max_batch, max_len, kernels=kernels, use_graphs=use_graphs)
         if not 1 <= max_prompt < max_len:
@@ -148,13 +150,21 @@ class SamplingEngine(DecodeEngine):
         self.done = torch.ones(b, dtype=torch.bool, device=self.device)
         self.stop_ids = torch.tensor(sorted(set(stop_ids)) or [-1], **long)
         self.generator = None if self.use_graphs else torch.Generator(self.device)
+        # Opt-in until timed on a GPU against the torch rounds (benchmarks/generate_speed.py --fused-top-p): one
+        # Triton kernel for top-p, its noise keyed by [seed, step] held here and advanced inside the step.
+        self.fused_top_p = fused_top_p and 0 < top_p < 1 and temperature > 0 and top_p_kernel.available(self.device)
+        self.rng = torch.zeros(2, **long)
         self._graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
 
     # ---------------------------------------------------------------------------------------------- device
     def _step(self) -> None:
         logits = self._logits(self.tok[:, None], self.row_pos, prefill=False)
-        sampled = sample_from_logits(logits, self.temperature, self.top_p, self.generator)
+        if self.fused_top_p:
+            sampled = top_p_kernel.top_p_sample(logits, self.temperature, self.top_p, self.rng)
+            self.rng[1] += 1
+        else:
+            sampled = sample_from_logits(logits, self.temperature, self.top_p, self.generator)
         live = ~self.done
         pos1 = torch.clamp(self.row_pos + 1, max=self.max_len - 1)
         in_prompt = pos1 < self.prompt_len
@@ -196,7 +206,9 @@ class SamplingEngine(DecodeEngine):
         self.steps += 1
 
     def reseed(self, seed: int) -> None:
-        """Seed the sampling noise (the default CUDA generator under graphs, which replays read at each replay)."""
+        """Seed the sampling noise (the default CUDA generator under graphs, which replays read at each replay; the
+        fused top-p kernel's [seed, step])."""
+        self.rng.copy_(torch.tensor([seed, 0]))
         if self.generator is not None:
             self.generator.manual_seed(seed)
         else:

@@ -1,0 +1,143 @@
+"""Nucleus (top-p) sampling in one Triton kernel: the sampler's rejection rounds without [batch, vocab] temporaries.
+
+`sample_from_logits` (engine/sampling.py) draws a top-p token by rejection: race the tokens above a pivot
+probability (the exponential race: argmax p_j / E_j, E_j ~ Exp(1), picks j with probability proportional to p_j),
+accept the winner when the mass of strictly more probable tokens is below top_p, else raise the pivot to the winner
+and race again, three rounds. In torch every round is about seven passes over a [batch, vocab] tensor (noise,
+division, masks, argmax, gather, sum), which at 1,024 slots and a 49k vocabulary is half of a SmolLM2 decode step.
+
+Here one program per row does the same rounds in four passes over the row's logits, with the noise generated in
+registers (Philox, keyed by the seed, the step counter, the row, the round and the token):
+  pass 1: max and softmax normaliser (online), race 1 over all tokens, the most probable token;
+  pass 2: the mass above draw 1, and race 2 over the tokens above draw 1 (used only if draw 1 is rejected);
+  pass 3: the mass above draw 2, and race 3 above draw 2;
+  pass 4: the mass above draw 3.
+The first accepted draw is the sample; if all three are rejected (probability below (1 - top_p)^3), the most
+probable token, as in torch. Work is in logit space: p_j > p_d exactly when logit_j > logit_d, and the race
+argmax p_j / E_j is argmax logit_j / T - log E_j.
+
+`rng` is a device tensor [seed, step]: the caller advances the step (in its CUDA graph) after every call, so a
+captured graph draws fresh noise at each replay and a seed reproduces a whole run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: sample_from_logits' torch path is used
+    triton = None
+
+ROUNDS = 3
+
+
+def available(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+def top_p_sample(
+    logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Tensor, block: int = 2048
+) -> torch.Tensor:
+    """One token per row of `logits` [batch, vocab] from the top-p nucleus at `temperature` (> 0, top_p < 1).
+
+    `rng`: int64 [seed, step] on the logits' device; the step is read, not advanced (the caller advances it).
+    Rows may share memory (stride 0); tokens must be contiguous.
+    """
+    if logits.stride(1) != 1:
+        raise ValueError("top_p_sample needs logits contiguous along the vocabulary")
+    if triton is None:
+        raise RuntimeError("top_p_sample needs Triton")
+    if not (temperature > 0 and 0 < top_p < 1):
+        raise ValueError("top_p_sample is for temperature > 0 and 0 < top_p < 1")
+    batch, vocab = logits.shape
+    out = torch.empty(batch, dtype=torch.long, device=logits.device)
+    block = min(block, triton.next_power_of_2(vocab))
+    # vocab is a compile-time constant: one model, one vocabulary, one compilation (and loops the interpreter runs).
+    _top_p_kernel[(batch,)](logits, logits.stride(0), out, rng, 1.0 / temperature, top_p, vocab=vocab, BLOCK=block)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _race_key(s, seed, noise_base, j):
+        # logit / T - log(E), E = -log(U) ~ Exp(1). U < 1 always; U == 0 (p = 2^-31) gives E = inf: a lost race.
+        u = tl.rand(seed, noise_base + j)
+        return s - tl.log(-tl.log(u))
+
+    @triton.jit
+    def _top_p_kernel(logits_ptr, stride, out_ptr, rng_ptr, inv_temp, top_p, vocab: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        rows = tl.num_programs(0).to(tl.int64)
+        seed = tl.load(rng_ptr)
+        step = tl.load(rng_ptr + 1)
+        base = logits_ptr + row * stride
+        noise = (step * rows + row) * 3 * vocab  # offsets of this row's noise: + round * vocab + token
+        cols = tl.arange(0, BLOCK)
+        neg = float("-inf")
+
+        # Pass 1: running max and normaliser; race 1 over every token; the most probable token.
+        m = tl.full([], neg, tl.float32)
+        z = tl.full([], 0.0, tl.float32)
+        key1 = tl.full([], neg, tl.float32)
+        draw1 = tl.full([], 0, tl.int64)
+        top = tl.full([], 0, tl.int64)
+        for start in range(0, vocab, BLOCK):
+            j = start + cols
+            ok = j < vocab
+            s = tl.load(base + j, mask=ok, other=neg).to(tl.float32) * inv_temp
+            block_max = tl.max(s, axis=0)
+            top = tl.where(block_max > m, (start + tl.argmax(s, axis=0)).to(tl.int64), top)
+            m_new = tl.maximum(m, block_max)
+            z = z * tl.exp(m - m_new) + tl.sum(tl.where(ok, tl.exp(s - m_new), 0.0), axis=0)
+            m = m_new
+            k = tl.where(ok, _race_key(s, seed, noise, j), neg)
+            draw1 = tl.where(tl.max(k, axis=0) > key1, (start + tl.argmax(k, axis=0)).to(tl.int64), draw1)
+            key1 = tl.maximum(key1, tl.max(k, axis=0))
+        s1 = tl.load(base + draw1).to(tl.float32) * inv_temp
+
+        # Pass 2: mass above draw 1; race 2 above draw 1 (starts at draw 1: an empty race keeps it).
+        above1 = tl.full([], 0.0, tl.float32)
+        key2 = tl.full([], neg, tl.float32)
+        draw2 = draw1
+        for start in range(0, vocab, BLOCK):
+            j = start + cols
+            ok = j < vocab
+            s = tl.load(base + j, mask=ok, other=neg).to(tl.float32) * inv_temp
+            higher = ok & (s > s1)
+            above1 += tl.sum(tl.where(higher, tl.exp(s - m), 0.0), axis=0)
+            k = tl.where(higher, _race_key(s, seed, noise + vocab, j), neg)
+            draw2 = tl.where(tl.max(k, axis=0) > key2, (start + tl.argmax(k, axis=0)).to(tl.int64), draw2)
+            key2 = tl.maximum(key2, tl.max(k, axis=0))
+        s2 = tl.load(base + draw2).to(tl.float32) * inv_temp
+
+        # Pass 3: mass above draw 2; race 3 above draw 2.
+        above2 = tl.full([], 0.0, tl.float32)
+        key3 = tl.full([], neg, tl.float32)
+        draw3 = draw2
+        for start in range(0, vocab, BLOCK):
+            j = start + cols
+            ok = j < vocab
+            s = tl.load(base + j, mask=ok, other=neg).to(tl.float32) * inv_temp
+            higher = ok & (s > s2)
+            above2 += tl.sum(tl.where(higher, tl.exp(s - m), 0.0), axis=0)
+            k = tl.where(higher, _race_key(s, seed, noise + 2 * vocab, j), neg)
+            draw3 = tl.where(tl.max(k, axis=0) > key3, (start + tl.argmax(k, axis=0)).to(tl.int64), draw3)
+            key3 = tl.maximum(key3, tl.max(k, axis=0))
+        s3 = tl.load(base + draw3).to(tl.float32) * inv_temp
+
+        # Pass 4: mass above draw 3.
+        above3 = tl.full([], 0.0, tl.float32)
+        for start in range(0, vocab, BLOCK):
+            j = start + cols
+            ok = j < vocab
+            s = tl.load(base + j, mask=ok, other=neg).to(tl.float32) * inv_temp
+            above3 += tl.sum(tl.where(ok & (s > s3), tl.exp(s - m), 0.0), axis=0)
+
+        limit = top_p * z
+        choice = tl.where(above3 < limit, draw3, top)
+        choice = tl.where(above2 < limit, draw2, choice)
+        choice = tl.where(above1 < limit, draw1, choice)
+        tl.store(out_ptr + row, choice)
