@@ -30,9 +30,6 @@ try:
 except ImportError:  # CPU-only installs: sample_from_logits' torch path is used
     triton = None
 
-ROUNDS = 3
-
-
 def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
@@ -51,6 +48,8 @@ def top_p_sample(
         raise RuntimeError("top_p_sample needs Triton")
     if not (temperature > 0 and 0 < top_p < 1):
         raise ValueError("top_p_sample is for temperature > 0 and 0 < top_p < 1")
+    if rng.dtype != torch.long or rng.numel() != 2 or rng.device != logits.device:
+        raise ValueError("rng must be an int64 [seed, step] tensor on the logits' device")
     batch, vocab = logits.shape
     out = torch.empty(batch, dtype=torch.long, device=logits.device)
     block = min(block, triton.next_power_of_2(vocab))
