@@ -4,7 +4,8 @@ decode latency against sequential sub-blocks.
 
     python benchmarks/frontier.py --model SmolLM2-135M-Instruct.Q4_1.gguf --eval-data wiki.test.raw \\
         --work runs/frontier --depths 52,48,45,40 --recipes auto,attention,fusion,parallel,layer-drop \\
-        [--heal-tokens 8000000] [--tasks hellaswag,arc_easy,... --task-data-dir DIR --limit 500] [--jobs 2]
+        [--heal-tokens 8000000] [--tasks hellaswag,arc_easy,... --task-data-dir DIR --limit 500 --task-depths 45]
+        [--jobs 2]
 
 Every variant is an ordinary run folder (work/d45-auto/ ...) made from one shared analysis (work/base), so each row
 can be inspected, reported or resumed like any run, and the script itself resumes: rerun it and finished stages
@@ -41,7 +42,7 @@ def variant_config(args: argparse.Namespace, depth: int, recipe: str) -> dict:
     if args.heal_batch_size:
         config["heal"]["batch_size"] = args.heal_batch_size
     config["eval"] = {}
-    if args.tasks:
+    if args.tasks and (not args.task_depths or depth in {int(d) for d in args.task_depths.split(",")}):
         config["eval"] = {"tasks": args.tasks.split(","), "task_data_dir": str(Path(args.task_data_dir).resolve())}
         if args.limit:
             config["eval"]["limit"] = args.limit
@@ -206,6 +207,7 @@ def main() -> None:
     p.add_argument("--tasks")
     p.add_argument("--task-data-dir")
     p.add_argument("--limit", type=int)
+    p.add_argument("--task-depths", help="run --tasks only at these depths (comma-separated; default: all)")
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
