@@ -26,6 +26,18 @@ def _run(model: Path, tmp_path: Path, **sections) -> Run:
     return Run(RunConfig.load(None, model=str(model), **sections), tmp_path / "out", log=lambda _m: None)
 
 
+def _cpu_sections(text: Path, heal_tokens: int) -> dict:
+    """A run small enough for the CPU: a few calibration windows, two attentions removed, a heal of `heal_tokens`."""
+    return {
+        "data": str(text),
+        "device": "cpu",
+        "analyze": {"samples": 4, "seq_len": 32, "max_window": 4},
+        "plan": {"remove_attention": 2},
+        "fuse": {"allow_any_width": True},
+        "heal": {"tokens": heal_tokens, "seq_len": 32, "batch_size": 4},
+    }
+
+
 def test_default_budget_is_sized_to_the_model_and_writes_a_corpus_of_that_size(setup, tmp_path) -> None:
     model, _ = setup
     r = _run(model, tmp_path)  # data: self
@@ -49,14 +61,7 @@ def test_cpu_skips_the_default_heal_with_the_reason(setup, tmp_path) -> None:
 
 def test_a_given_token_budget_is_honoured(setup, tmp_path) -> None:
     model, text = setup
-    sections = {
-        "data": str(text),
-        "device": "cpu",
-        "analyze": {"samples": 4, "seq_len": 32, "max_window": 4},
-        "plan": {"remove_attention": 2},
-        "fuse": {"allow_any_width": True},
-        "heal": {"tokens": 4 * 32 * 3, "seq_len": 32, "batch_size": 4},
-    }
+    sections = _cpu_sections(text, heal_tokens=4 * 32 * 3)
     messages: list[str] = []
     status = run(str(model), tmp_path / "out", stop_after="heal", log=messages.append, **sections)
     assert status["heal"] == "ran"
@@ -67,14 +72,7 @@ def test_a_given_token_budget_is_honoured(setup, tmp_path) -> None:
 def test_a_heal_killed_before_its_first_checkpoint_starts_again(setup, tmp_path) -> None:
     """Re-running after a heal died before saving any checkpoint (e.g. out of memory) heals from step 0."""
     model, text = setup
-    sections = {
-        "data": str(text),
-        "device": "cpu",
-        "analyze": {"samples": 4, "seq_len": 32, "max_window": 4},
-        "plan": {"remove_attention": 2},
-        "fuse": {"allow_any_width": True},
-        "heal": {"tokens": 4 * 32 * 2, "seq_len": 32, "batch_size": 4},
-    }
+    sections = _cpu_sections(text, heal_tokens=4 * 32 * 2)
     out = tmp_path / "out"
     assert run(str(model), out, stop_after="fuse", log=lambda _m: None, **sections)["fuse"] == "ran"
     # What a heal leaves when it dies during its first steps: its settings, no checkpoint-N folder.

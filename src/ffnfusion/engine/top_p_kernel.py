@@ -67,6 +67,30 @@ if triton is not None:
         return s - tl.log(-tl.log(u))
 
     @triton.jit
+    def _above_and_race(
+        base, vocab: tl.constexpr, pivot, fallback, m, inv_temp, seed, noise_base,
+        BLOCK: tl.constexpr, RACE: tl.constexpr,
+    ):  # fmt: skip
+        """Unnormalised mass (exp(s - m)) of the tokens whose scaled logit s is above `pivot`, and, with RACE, the
+        winner of the race among them (`fallback` when there are none)."""
+        cols = tl.arange(0, BLOCK)
+        neg = float("-inf")
+        above = tl.full([], 0.0, tl.float32)
+        key = tl.full([], neg, tl.float32)
+        draw = fallback
+        for start in range(0, vocab, BLOCK):
+            j = start + cols
+            ok = j < vocab
+            s = tl.load(base + j, mask=ok, other=neg).to(tl.float32) * inv_temp
+            higher = ok & (s > pivot)
+            above += tl.sum(tl.where(higher, tl.exp(s - m), 0.0), axis=0)
+            if RACE:
+                k = tl.where(higher, _race_key(s, seed, noise_base, j), neg)
+                draw = tl.where(tl.max(k, axis=0) > key, (start + tl.argmax(k, axis=0)).to(tl.int64), draw)
+                key = tl.maximum(key, tl.max(k, axis=0))
+        return above, draw
+
+    @triton.jit
     def _top_p_kernel(logits_ptr, stride, out_ptr, rng_ptr, inv_temp, top_p, vocab: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         rows = tl.num_programs(0).to(tl.int64)
@@ -97,43 +121,12 @@ if triton is not None:
             key1 = tl.maximum(key1, tl.max(k, axis=0))
         s1 = tl.load(base + draw1).to(tl.float32) * inv_temp
 
-        # Pass 2: mass above draw 1; race 2 above draw 1 (starts at draw 1: an empty race keeps it).
-        above1 = tl.full([], 0.0, tl.float32)
-        key2 = tl.full([], neg, tl.float32)
-        draw2 = draw1
-        for start in range(0, vocab, BLOCK):
-            j = start + cols
-            ok = j < vocab
-            s = tl.load(base + j, mask=ok, other=neg).to(tl.float32) * inv_temp
-            higher = ok & (s > s1)
-            above1 += tl.sum(tl.where(higher, tl.exp(s - m), 0.0), axis=0)
-            k = tl.where(higher, _race_key(s, seed, noise + vocab, j), neg)
-            draw2 = tl.where(tl.max(k, axis=0) > key2, (start + tl.argmax(k, axis=0)).to(tl.int64), draw2)
-            key2 = tl.maximum(key2, tl.max(k, axis=0))
+        # Passes 2-4: the mass above each draw; the next race above it (kept only if that draw is rejected).
+        above1, draw2 = _above_and_race(base, vocab, s1, draw1, m, inv_temp, seed, noise + vocab, BLOCK, True)
         s2 = tl.load(base + draw2).to(tl.float32) * inv_temp
-
-        # Pass 3: mass above draw 2; race 3 above draw 2.
-        above2 = tl.full([], 0.0, tl.float32)
-        key3 = tl.full([], neg, tl.float32)
-        draw3 = draw2
-        for start in range(0, vocab, BLOCK):
-            j = start + cols
-            ok = j < vocab
-            s = tl.load(base + j, mask=ok, other=neg).to(tl.float32) * inv_temp
-            higher = ok & (s > s2)
-            above2 += tl.sum(tl.where(higher, tl.exp(s - m), 0.0), axis=0)
-            k = tl.where(higher, _race_key(s, seed, noise + 2 * vocab, j), neg)
-            draw3 = tl.where(tl.max(k, axis=0) > key3, (start + tl.argmax(k, axis=0)).to(tl.int64), draw3)
-            key3 = tl.maximum(key3, tl.max(k, axis=0))
+        above2, draw3 = _above_and_race(base, vocab, s2, draw2, m, inv_temp, seed, noise + 2 * vocab, BLOCK, True)
         s3 = tl.load(base + draw3).to(tl.float32) * inv_temp
-
-        # Pass 4: mass above draw 3.
-        above3 = tl.full([], 0.0, tl.float32)
-        for start in range(0, vocab, BLOCK):
-            j = start + cols
-            ok = j < vocab
-            s = tl.load(base + j, mask=ok, other=neg).to(tl.float32) * inv_temp
-            above3 += tl.sum(tl.where(ok & (s > s3), tl.exp(s - m), 0.0), axis=0)
+        above3, _ = _above_and_race(base, vocab, s3, draw3, m, inv_temp, seed, noise, BLOCK, False)
 
         limit = top_p * z
         choice = tl.where(above3 < limit, draw3, top)
