@@ -9,9 +9,10 @@ decode latency against sequential sub-blocks.
 
 Every variant is an ordinary run folder (work/d45-auto/ ...) made from one shared analysis (work/base), so each row
 can be inspected, reported or resumed like any run, and the script itself resumes: rerun it and finished stages
-are skipped. Healing text is `self` (the model writes it; one corpus, cached, shared by every variant), so the
-evaluation text is never trained on. With --jobs N the plan and fuse stages of N variants run at once; heal, eval
-and bench then run variant by variant, alone, so each heal has the whole GPU and latencies are not disturbed.
+are skipped. Healing text is `self` by default (the model writes it; one corpus, cached, shared by every variant),
+or the one `--data` (a `ffnfusion generate` corpus, say) for all, never the evaluation text. With --jobs N the plan
+and fuse stages of N variants run at once; heal, eval and bench then run variant by variant, alone, so each heal has
+the whole GPU and latencies are not disturbed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ RECIPES = ("auto", "attention", "fusion", "parallel", "layer-drop")
 
 def variant_config(args: argparse.Namespace, depth: int, recipe: str) -> dict:
     """run.yaml of one variant: everything but the plan is the same for every row."""
-    config: dict = {"data": "self", "eval_data": str(Path(args.eval_data).resolve()), "seed": args.seed}
+    data = args.data if args.data == "self" else str(Path(args.data).resolve())
+    config: dict = {"data": data, "eval_data": str(Path(args.eval_data).resolve()), "seed": args.seed}
     if args.device:
         config["device"] = args.device
     config["analyze"] = {"samples": args.samples} if args.samples else {}
@@ -197,6 +199,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--eval-data", required=True, help="perplexity text; never trained on")
+    p.add_argument(
+        "--data", default="self", help="calibration and healing text of every variant: self, or a file / corpus"
+    )
     p.add_argument("--work", required=True, help="folder for the base analysis, the variants and the table")
     p.add_argument("--depths", default="52,48,45,40")
     p.add_argument("--recipes", default="auto,layer-drop", help=f"comma-separated: {', '.join(RECIPES)}")
