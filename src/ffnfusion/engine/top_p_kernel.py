@@ -30,6 +30,7 @@ try:
 except ImportError:  # CPU-only installs: sample_from_logits' torch path is used
     triton = None
 
+
 def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 

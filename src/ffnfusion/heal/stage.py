@@ -247,19 +247,19 @@ def _training_sequences(
     with args.main_process_first(desc="preparing training text"):
         parts = [
             packed_sequences(
-                    spec,
-                    job.tokenizer,
-                    settings.seq_len,
-                    settings.max_sequences,
-                    settings.seed,
-                    model=teacher_model,
-                    model_key=str(job.t_source.folder / (job.t_source.gguf_file or "")),
-                    self_samples=settings.self_samples,
-                    text_field=settings.text_field,
-                    generate_batch_size=settings.self_batch_size,
-                )
-                for spec in settings.data
-            ]
+                spec,
+                job.tokenizer,
+                settings.seq_len,
+                settings.max_sequences,
+                settings.seed,
+                model=teacher_model,
+                model_key=str(job.t_source.folder / (job.t_source.gguf_file or "")),
+                self_samples=settings.self_samples,
+                text_field=settings.text_field,
+                generate_batch_size=settings.self_batch_size,
+            )
+            for spec in settings.data
+        ]
         # One source stays as it is: a corpus (or the self-written one) is read from its shards batch by batch.
         sequences = parts[0] if len(parts) == 1 else torch.cat([p[:] for p in parts])
     if sequences.shape[0] < (settings.batch_size or 1) * args.world_size:
