@@ -209,27 +209,28 @@ def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: A
             times = manual_loop(student, teacher, seqs, settings, batch)
         else:
             timer = StepTimer(a.warmup if window else None)
-            args = TrainingArguments(
-                output_dir=tempfile.mkdtemp(),
-                per_device_train_batch_size=batch,
-                max_steps=n_steps,
-                learning_rate=1e-4,
-                lr_scheduler_type="cosine",
-                warmup_steps=2,
-                bf16=DEVICE == "cuda",
-                use_cpu=DEVICE != "cuda",
-                **heal_mod._checkpointing_args(gc),
-                save_strategy="no",
-                logging_steps=10,
-                report_to="none",
-                remove_unused_columns=False,
-                dataloader_drop_last=True,
-                disable_tqdm=True,
-                torch_compile=base == "chunked-all",
-            )
             if base == "product":
                 args = heal_mod._training_args(settings, Path(tempfile.mkdtemp()), save_steps=10**9, logging_steps=10)
                 args.per_device_train_batch_size, args.max_steps, args.save_strategy = batch, n_steps, "no"
+            else:
+                args = TrainingArguments(
+                    output_dir=tempfile.mkdtemp(),
+                    per_device_train_batch_size=batch,
+                    max_steps=n_steps,
+                    learning_rate=1e-4,
+                    lr_scheduler_type="cosine",
+                    warmup_steps=2,
+                    bf16=DEVICE == "cuda",
+                    use_cpu=DEVICE != "cuda",
+                    **heal_mod._checkpointing_args(gc),
+                    save_strategy="no",
+                    logging_steps=10,
+                    report_to="none",
+                    remove_unused_columns=False,
+                    dataloader_drop_last=True,
+                    disable_tqdm=True,
+                    torch_compile=base == "chunked-all",
+                )
             trainer = DistillationTrainer(
                 model=student,
                 args=args,
