@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from analysis_fakes import char_tokenizer, save_with_tokenizer
 from conftest import tiny_model
 from ffnfusion.cli import app
-from ffnfusion.data import calibration_tokens, token_windows
+from ffnfusion.data import calibration_tokens, self_generated_texts, token_windows
 from ffnfusion.engine.sampling import SamplingEngine, sample_from_logits
 from ffnfusion.formats.corpus import CorpusError, CorpusRows, open_corpus
 from ffnfusion.formats.plan import Plan
@@ -73,7 +73,7 @@ def test_fused_top_p_is_cuda_only_and_falls_back_to_the_torch_rounds() -> None:
     seed for seed."""
     model = fuse_model(tiny_model("llama"), Plan())
     fused = SamplingEngine(model, 3, 16, max_prompt=1, temperature=1.0, top_p=0.9, fused_top_p=True)
-    plain = SamplingEngine(model, 3, 16, max_prompt=1, temperature=1.0, top_p=0.9)
+    plain = SamplingEngine(model, 3, 16, max_prompt=1, temperature=1.0, top_p=0.9, fused_top_p=False)
     assert not fused.fused_top_p
     docs = [[d.tokens for d in e.documents(lambda: [1], 32, 5)] for e in (fused, plain)]
     assert docs[0] == docs[1]
@@ -189,8 +189,11 @@ def test_chat_prompts_and_prompt_file(tmp_path) -> None:
     tok.chat_template = (
         "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}:{% endif %}"
     )
-    chat = PromptSource(tok, GenerateSettings(tokens=1), max_len=512)
+    chat = PromptSource(tok, GenerateSettings(tokens=1, prompts="chat"), max_len=512)
     assert chat.kind == "chat" and len(chat.prompts) == 1680
+    # auto: a chat model writes the mix of free prose and answers; a model without a template, free prose.
+    assert PromptSource(tok, GenerateSettings(tokens=1), max_len=512).kind == "mix"
+    assert PromptSource(char_tokenizer(), GenerateSettings(tokens=1), max_len=512).kind == "bos"
     texts = {"".join(tok.convert_ids_to_tokens(p)) for p in chat.prompts}
     assert "<Write a poem about coffee.>:" in texts
     one, two = chat.for_shard(0, 0), chat.for_shard(0, 0)
@@ -336,3 +339,18 @@ def test_heal_reads_a_corpus_from_its_shards_with_the_same_result(teacher, tmp_p
     assert lazy.keys() == copied.keys()
     assert all(torch.equal(lazy[k], copied[k]) for k in lazy)
     assert any(not torch.equal(lazy[k], before[k]) for k in lazy)  # it trained
+
+
+def test_held_out_text_starts_from_its_openers(tmp_path) -> None:
+    """`run`'s held-out text: each sample continues an opener (openers of two lengths share a left-padded batch),
+    keeps it as its start, and is cached apart from the text sampled from BOS alone."""
+    model, tok = tiny_model("llama"), char_tokenizer()
+    openers = ["The river", "In 1887, the village council"]
+    texts = self_generated_texts(model, tok, 5, 12, seed=3, cache_dir=tmp_path, key="k", batch_size=4, openers=openers)
+    assert len(texts) == 5
+    for i, text in enumerate(texts):
+        assert text.startswith(openers[i % 2]) and len(text) > len(openers[i % 2]), (i, text)
+    never = lambda: pytest.fail("the cached text was sampled again")  # noqa: E731
+    assert self_generated_texts(never, tok, 5, 12, 3, tmp_path, "k", 4, openers=openers) == texts
+    plain = self_generated_texts(model, tok, 5, 12, 3, tmp_path, "k", 4)
+    assert len(plain) == 5 and not any(t.startswith(o) for t in plain for o in openers)

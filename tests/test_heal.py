@@ -20,9 +20,17 @@ from ffnfusion.cli import app
 from ffnfusion.data import DataError, packed_sequences, tokenize_stream
 from ffnfusion.formats.plan import Plan
 from ffnfusion.fuse import fuse
-from ffnfusion.heal.settings import HealError, HealSettings
+from ffnfusion.heal.settings import HealError, HealSettings, default_lr
 from ffnfusion.heal.stage import heal
-from ffnfusion.heal.trainer import _final_hidden_and_logits, changed_blocks, distillation_loss
+from ffnfusion.heal.trainer import (
+    _final_hidden_and_logits,
+    _hidden_states_and_logits,
+    block_boundaries,
+    boundary_cosine,
+    changed_blocks,
+    distillation_loss,
+    distillation_step,
+)
 from ffnfusion.surgery import fuse_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +164,51 @@ def test_loss_is_zero_for_identical_student_and_positive_for_fused() -> None:
     p, q = (t_logits / 2).softmax(-1), (s_logits / 2).softmax(-1)
     want = (p * (p.log() - q.log())).sum(-1).mean() * 4
     assert torch.allclose(parts["kl"], want, rtol=1e-5)
+
+
+def test_block_boundaries_pair_each_block_with_the_layers_it_replaces() -> None:
+    assert block_boundaries(Plan(), 4, 4) == block_boundaries(None, 4, 4) == [(1, 1), (2, 2), (3, 3)]
+    # PLAN on 6 layers: blocks L0, FFN group 1-3 (attention of 1), L4 without attention, L5.
+    assert block_boundaries(PLAN, 6, 4) == [(1, 1), (2, 4), (3, 5)]
+    # A dropped layer (ShortGPT) is asked of the block before it; a parallel pair answers for both layers.
+    assert block_boundaries(Plan(remove_attention=[2], remove_ffn=[2]), 5, 4) == [(1, 1), (2, 3), (3, 4)]
+    assert block_boundaries(Plan(parallel_blocks=[[1, 2]]), 4, 3) == [(1, 1), (2, 3)]
+    with pytest.raises(HealError, match="gives 4: was it fused from another model"):
+        block_boundaries(PLAN, 6, 5)
+    with pytest.raises(HealError, match="needs the plan"):
+        block_boundaries(None, 6, 4)
+
+
+def test_layer_term_matches_the_residual_streams_it_pairs() -> None:
+    teacher = tiny_model("llama", seed=4)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    student = fuse_model(teacher, PLAN)
+    pairs = block_boundaries(PLAN, 6, 4)
+    with torch.no_grad():
+        t_states, _ = _hidden_states_and_logits(teacher, ids)
+        s_states, _ = _hidden_states_and_logits(student, ids)
+        same, _ = _hidden_states_and_logits(fuse_model(teacher, Plan()), ids)
+        # Block 0 is the teacher's layer 0, untouched: exact there; the fused group's output is not.
+        assert float(boundary_cosine(s_states, t_states, pairs[:1])) < 1e-6
+        assert float(boundary_cosine(s_states, t_states, pairs[1:2])) > 1e-3
+        assert float(boundary_cosine(same, t_states, block_boundaries(Plan(), 6, 6))) < 1e-6
+        # By hand at one boundary: 1 - <s, t> / (|s| |t|), averaged over positions.
+        s, t = s_states[2], t_states[4]
+        want = (1 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))).mean()
+        torch.testing.assert_close(boundary_cosine(s_states, t_states, [(2, 4)]), want, rtol=1e-5, atol=1e-6)
+        total = boundary_cosine(s_states, t_states, pairs)
+    # Both loss paths add the same term with its weight.
+    for impl in ("plain", "chunked"):
+        on = HealSettings(data=["x"], layer_weight=0.5, loss_impl=impl, compile="none")
+        off = on.model_copy(update={"layer_weight": 0.0})
+        loss, parts, _ = distillation_step(student, student, teacher, ids, on, pairs)
+        loss_off, parts_off, _ = distillation_step(student, student, teacher, ids, off, pairs)
+        assert "layer" not in parts_off
+        torch.testing.assert_close(parts["layer"], total, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss, loss_off + 0.5 * total, rtol=1e-5, atol=1e-6)
+        loss.backward()  # the term reaches the student's weights
+        assert student.model.layers[1].mlp.down_proj.weight.grad.abs().sum() > 0
+        student.zero_grad()
 
 
 def test_identical_student_trains_at_zero_loss(setup) -> None:
@@ -389,3 +442,27 @@ def test_packed_sequences_are_consecutive_windows_of_the_stream(setup) -> None:
     subset = packed_sequences(str(setup["text"]), tok, 32, max_sequences=5, seed=3)
     assert subset.shape == (5, 32)
     assert all(any(torch.equal(row, s) for s in seqs) for row in subset)
+
+
+def test_automatic_learning_rate(setup) -> None:
+    # The rule: 1e-3 up to 576 wide (where it was measured), then inversely with width.
+    assert default_lr(576) == pytest.approx(1e-3) and default_lr(64) == pytest.approx(1e-3)
+    assert default_lr(4096) == pytest.approx(1e-3 * 576 / 4096)
+    assert default_lr(1152) == pytest.approx(default_lr(576) / 2)
+    summary, _ = run(setup, "auto-lr", lr=None, max_steps=2, warmup=0)
+    hidden = json.loads((setup["student"] / "config.json").read_text())["hidden_size"]
+    assert summary.lr == pytest.approx(default_lr(hidden))
+    saved = json.loads((setup["root"] / "auto-lr" / "heal_summary.json").read_text())["settings"]
+    assert saved["lr"] == pytest.approx(default_lr(hidden))  # what was trained with, not "automatic"
+    first = next(r["learning_rate"] for r in summary.log_history if "learning_rate" in r)
+    assert first == pytest.approx(default_lr(hidden))  # no warm-up: the first step runs at the peak
+    with pytest.raises(HealError, match="--lr must be in"):
+        settings(setup, lr=0.0).check()
+
+
+def test_heal_with_the_layer_term_logs_it(setup) -> None:
+    summary, _ = run(setup, "layer-term", layer_weight=1.0, max_steps=2)
+    logged = [r["loss_layer"] for r in summary.log_history if "loss_layer" in r]
+    assert len(logged) == 2 and all(v > 0 for v in logged)
+    with pytest.raises(HealError, match="loss weights must not be negative"):
+        settings(setup, layer_weight=-1.0).check()

@@ -212,28 +212,40 @@ def self_generated_texts(
     cache_dir: Path | None = None,
     key: str = "",
     batch_size: int = 16,
+    openers: list[str] | None = None,
 ) -> list[str]:
-    """Text sampled from the model itself (temperature 1 from BOS), cached on disk under a key of the settings."""
+    """Text sampled from the model itself (temperature 1), cached on disk under a key of the settings.
+
+    Each sample starts from BOS, followed by `openers[i % len(openers)]` when given (the opener is kept as the start
+    of the text)."""
     cache_dir = Path(cache_dir or default_cache_dir()) / "self_text"
-    digest = hashlib.sha256(f"{key}|{samples}|{seq_len}|{seed}".encode()).hexdigest()[:16]
+    opened = f"|{hashlib.sha256(chr(10).join(openers).encode()).hexdigest()}" if openers else ""
+    digest = hashlib.sha256(f"{key}|{samples}|{seq_len}|{seed}{opened}".encode()).hexdigest()[:16]
     cache = cache_dir / f"{digest}.jsonl"
     if cache.is_file():
         return [json.loads(line)["text"] for line in cache.read_text().splitlines()]
     if not isinstance(model, torch.nn.Module):
         model = model()  # a loader: the model is only loaded when the text is not cached
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start
+    opening = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in openers or [""]]
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     texts: list[str] = []
     batch = max(1, batch_size)
     for first in range(0, samples, batch):
-        n = min(batch, samples - first)
-        prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+        rows = [first + i for i in range(min(batch, samples - first))]
+        ids = [[start, *opening[r % len(opening)]] for r in rows]
+        width = max(len(x) for x in ids)
+        # Left-padded, so every row's generated tokens start at column `width`.
+        prompt = torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long, device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long, device=device)
         out = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=tokenizer.eos_token_id,
+            prompt, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=pad,
         )
-        texts.extend(tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True))
+        generated = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        texts.extend((openers[r % len(openers)] if openers else "") + g for r, g in zip(rows, generated, strict=True))
     write_atomic(cache, "".join(json.dumps({"text": t}) + "\n" for t in texts))
     return texts
 

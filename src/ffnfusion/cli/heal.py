@@ -47,6 +47,7 @@ def heal(
     budget = f" of --tokens {summary.budget_tokens:,}" if summary.budget_tokens is not None else ""
     table.add_row("training tokens", f"{summary.tokens:,}{budget} (stopped by: {summary.limited_by})")
     table.add_row("micro-batch", f"{summary.batch_size} sequences")
+    table.add_row("peak learning rate", f"{summary.lr:.3g}")
     table.add_row("trainable parameters", f"{summary.trainable_parameters:,} of {summary.total_parameters:,}")
     if summary.first_loss is not None and summary.last_loss is not None:
         table.add_row("loss, first -> last log", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}")

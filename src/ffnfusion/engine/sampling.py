@@ -133,7 +133,7 @@ class SamplingEngine(DecodeEngine):
         top_p: float = 1.0,
         kernels: str = "auto",
         use_graphs: bool | None = None,
-        fused_top_p: bool = False,
+        fused_top_p: bool = True,
     ):
         super().__init__(model, max_batch, max_len, kernels=kernels, use_graphs=use_graphs)
         if not 1 <= max_prompt < max_len:
@@ -150,8 +150,8 @@ class SamplingEngine(DecodeEngine):
         self.done = torch.ones(b, dtype=torch.bool, device=self.device)
         self.stop_ids = torch.tensor(sorted(set(stop_ids)) or [-1], **long)
         self.generator = None if self.use_graphs else torch.Generator(self.device)
-        # Opt-in until timed on a GPU against the torch rounds (benchmarks/generate_speed.py --fused-top-p): one
-        # Triton kernel for top-p, its noise keyed by [seed, step] held here and advanced inside the step.
+        # One Triton kernel for top-p on CUDA, its noise keyed by [seed, step] held here and advanced inside the
+        # step: 192k against 122k tokens/s for the torch rounds at 1,024 slots on an H200 (RESULTS.md).
         self.fused_top_p = fused_top_p and 0 < top_p < 1 and temperature > 0 and top_p_kernel.available(self.device)
         self.rng = torch.zeros(2, **long)
         self._graph: torch.cuda.CUDAGraph | None = None

@@ -96,6 +96,44 @@ TOPICS = [
     "the violin",
     "space exploration",
 ]
+# Openings of prose that no training corpus starts from (training prompts are BOS alone, the instructions above, or
+# the user's file): `run` samples its held-out perplexity text from them when the user gives none, so that text comes
+# from other prompts, not only other seeds, than the healing corpus.
+HELD_OUT_OPENERS = [
+    "The village council met on a cold morning in",
+    "According to the annual report, the company",
+    "In the early years of the nineteenth century,",
+    "The river rises in the hills north of",
+    "She had never expected the letter to",
+    "Researchers at the university announced that",
+    "The match was delayed by rain, and",
+    "Construction of the bridge began in",
+    "The album was recorded over three weeks in",
+    "Local farmers say the drought has",
+    "The museum's new wing houses",
+    "After the election, the new government",
+    "The species is found mainly in",
+    "He returned to the town where he had grown up",
+    "The treaty, signed in",
+    "The film opens with a long shot of",
+    "Engineers tested the prototype engine",
+    "The cathedral was rebuilt after a fire in",
+    "Students in the program spend their first year",
+    "The novel follows a young sailor who",
+    "Traffic on the main road was",
+    "The recipe calls for",
+    "Historians disagree about why the kingdom",
+    "The team's coach said after the game that",
+    "A small earthquake shook the region",
+    "The manuscript was discovered in",
+    "The airline announced new routes to",
+    "Most of the island is covered by",
+    "The orchestra's season opened with",
+    "Doctors at the hospital reported",
+    "The mountain pass was closed for",
+    "Her first book, published in",
+]
+
 PROMPT_MODES = ("auto", "bos", "chat", "mix")
 
 
@@ -109,9 +147,10 @@ class PromptSource:
     def __init__(self, tokenizer: Any, settings: Any, max_len: int):
         mode, limit = settings.prompts, min(settings.prompt_tokens, max_len // 2)
         has_chat = bool(getattr(tokenizer, "chat_template", None))
-        if mode == "auto":
-            mode = "chat" if has_chat else "bos"
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if mode == "auto":
+            # A chat model's free prose and its answers both: healing on the mix beat answers alone (RESULTS.md).
+            mode = ("mix" if start is not None else "chat") if has_chat else "bos"
         self.start = start
         if mode == "bos":
             if start is None:

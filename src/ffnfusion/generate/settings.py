@@ -28,8 +28,8 @@ class GenerateSettings(BaseModel):
     seed: int = Field(0, description="seeds the sampling and the prompt choice")
     prompts: str = Field(
         "auto",
-        description="auto (chat models: chat template + built-in instructions; else BOS), bos, chat, mix (half BOS, "
-        "half chat), FILE",
+        description="auto (chat models: mix; else bos), bos (free text from BOS), chat (chat template + built-in "
+        "instructions), mix (half bos, half chat), FILE",
     )
     prompt_format: str = Field("text", description="FILE lines are `text` or `chat` turns")
     prompt_tokens: int = Field(64, description="keep at most this many tokens of each prompt")

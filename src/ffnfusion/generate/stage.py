@@ -192,14 +192,15 @@ def self_corpus_tokens(
 ) -> torch.Tensor | CorpusRows | None:
     """[samples, seq_len] token ids sampled from `model` (or a loader of it) through the engine, cached as a corpus.
 
-    Temperature 1 and no top-p (the model's own distribution). Returns None for a model the engine cannot run
-    (spread over several devices), so the caller can fall back to eager `generate`. `lazy` returns the rows read
-    on demand from the cached shards (CorpusRows) instead of one tensor in memory.
+    Temperature 1 and no top-p (the model's own distribution); prompts `auto` (a chat model: `mix`). Returns None
+    for a model the engine cannot run (spread over several devices), so the caller can fall back to eager
+    `generate`. `lazy` returns the rows read on demand from the cached shards (CorpusRows) instead of one tensor in
+    memory.
     """
     from ffnfusion.io.cache import default_cache_dir
 
     settings = GenerateSettings(tokens=samples * seq_len, seq_len=seq_len, top_p=1.0, seed=seed)
-    digest = hashlib.sha256(f"{key}|{samples}|{seq_len}|{seed}|engine-v1".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{key}|{samples}|{seq_len}|{seed}|engine-v2".encode()).hexdigest()[:16]
     folder = Path(cache_dir or default_cache_dir()) / "self_corpus" / digest
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Runs sharing the cache (variants of one study side by side) wait for one writer instead of each deleting

@@ -41,10 +41,12 @@ from ffnfusion.heal.settings import (
     HealRun,
     HealSettings,
     HealSummary,
+    default_lr,
 )
 from ffnfusion.heal.trainer import (
     DistillationTrainer,
     TokenDataset,
+    block_boundaries,
     freeze_outside,
     matmul_parameters,
     probe_batch_size,
@@ -101,7 +103,9 @@ def heal(
     sequences = _training_sequences(job, settings, args, teacher_model)
     student_model, blocks, trainable, total = _load_student(job, settings)
     if settings.batch_size is None:
-        settings.batch_size = probe_batch_size(student_model, teacher_model, sequences, settings, args, trainable)
+        settings.batch_size = probe_batch_size(
+            student_model, teacher_model, sequences, settings, args, trainable, job.boundaries
+        )
     budget, warnings = _budget(int(sequences.shape[0]), settings, args)
     callbacks, timer = _callbacks(callbacks, settings, budget.tokens_per_step, progress)
     if args.process_index == 0:
@@ -115,6 +119,7 @@ def heal(
         callbacks=callbacks,
         teacher=teacher_model,
         settings=settings,
+        boundaries=job.boundaries,
     )
     if progress:  # the progress bar replaces Trainer's printed log lines
         trainer.remove_callback(PrinterCallback)
@@ -148,6 +153,7 @@ class _Job:
     resume_from: Any
     tokenizer: Any
     plan: Plan | None
+    boundaries: list[tuple[int, int]]  # hidden-state pairs the layer term matches (empty when it is off)
 
 
 def _prepare(
@@ -162,6 +168,9 @@ def _prepare(
     out = Path(out).resolve()
     s_source, t_source = resolve_model(student), resolve_model(teacher)
     student_config = check_student(s_source)
+    if settings.lr is None:
+        # Resolved before the resume check, so a resumed run compares the rate the first run trained with.
+        settings.lr = default_lr(int(student_config.get("hidden_size") or 0))
     inputs = [("input model", s_source.input_path), ("input model", t_source.input_path)]
     inputs += [("data", spec) for spec in settings.data]
     check_output_dir(out, "heal", inputs, overwrite, error=HealError)
@@ -180,7 +189,22 @@ def _prepare(
     if tokenizer is None:
         raise HealError("neither the student nor the teacher folder holds a tokenizer; the text cannot be tokenized.")
     plan = Plan.load(s_source.folder / PLAN_FILE) if (s_source.folder / PLAN_FILE).is_file() else None
-    return _Job(out, s_source, t_source, student_config, t_config, inputs, checkpoint_dir, resume_from, tokenizer, plan)
+    boundaries = []
+    if settings.layer_weight > 0:
+        boundaries = block_boundaries(plan, t_config.num_hidden_layers, len(student_config["block_configs"]))
+    return _Job(
+        out,
+        s_source,
+        t_source,
+        student_config,
+        t_config,
+        inputs,
+        checkpoint_dir,
+        resume_from,
+        tokenizer,
+        plan,
+        boundaries,
+    )
 
 
 def _training_args(
@@ -386,6 +410,7 @@ def _summary(
         last_loss=losses[-1] if losses else None,
         log_history=history,
         batch_size=settings.batch_size,
+        lr=settings.lr,
         budget_tokens=settings.tokens,
         limited_by="minutes" if stopped_by_time else budget.limited_by,
         stopped_by_time=stopped_by_time,

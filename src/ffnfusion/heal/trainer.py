@@ -2,8 +2,10 @@
 
 Loss (Puzzle's recipe): `kl_weight * T^2 * KL(teacher_T || student_T)` on next-token distributions softened by
 temperature T, plus `cos_weight * (1 - cos(h_student, h_teacher))` on the final (normed) hidden states, plus an
-optional `lm_weight * cross-entropy` on the text itself (off by default: Puzzle found it hurt). Teacher outputs
-are computed on the fly, so nothing is cached per token.
+optional `lm_weight * cross-entropy` on the text itself (off by default: Puzzle found it hurt), plus an optional
+`layer_weight * mean (1 - cos)` of the residual streams at every inner block boundary (block_boundaries: each
+student block against the teacher's input to the next block's first layer; off by default, not yet measured at
+scale). Teacher outputs are computed on the fly, so nothing is cached per token.
 
 Training is transformers' Trainer, so the same code runs on one device, several GPUs through `torchrun` or
 `accelerate launch` (DDP, or FSDP with `--fsdp`), in bf16, with gradient checkpointing, gradient accumulation,
@@ -73,9 +75,48 @@ def distillation_loss(
 
 def _final_hidden_and_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(final normed hidden states, logits) of any transformers causal LM, through its own forward."""
+    states, logits = _hidden_states_and_logits(model, input_ids)
+    return states[-1], logits
+
+
+def _hidden_states_and_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[tuple, torch.Tensor]:
     out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True)
-    # transformers' decoders (and DeciLM) put the final norm's output last in `hidden_states`.
-    return out.hidden_states[-1], out.logits
+    # transformers' decoders (and DeciLM) give [embeddings, output of block 0, ..., of block n-2, final normed].
+    return out.hidden_states, out.logits
+
+
+def block_boundaries(plan: Plan | None, num_original_layers: int, num_blocks: int) -> list[tuple[int, int]]:
+    """(student, teacher) indices into `hidden_states` where both models' residual streams should agree: the output
+    of each student block but the last, against the teacher's input to the first original layer of the next block.
+    A block thus answers for every original layer up to the next block, dropped layers included. The last boundary
+    is the final hidden state, which the cosine term already matches."""
+    if plan is None:
+        if num_blocks != num_original_layers:
+            raise HealError(
+                f"--layer-weight needs the plan the student was fused with ({PLAN_FILE} in the student folder): "
+                f"the student has {num_blocks} blocks, the teacher {num_original_layers} layers."
+            )
+        firsts = list(range(num_blocks))
+    else:
+        blocks = plan_blocks(plan, num_original_layers)
+        if len(blocks) != num_blocks:
+            raise HealError(
+                f"the student has {num_blocks} blocks but its {PLAN_FILE} applied to the teacher's "
+                f"{num_original_layers} layers gives {len(blocks)}: was it fused from another model?"
+            )
+        firsts = [b.layers[0] for b in blocks]
+    return [(j + 1, firsts[j + 1]) for j in range(num_blocks - 1)]
+
+
+def boundary_cosine(
+    student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor], boundaries: Sequence[tuple]
+) -> torch.Tensor:
+    """Mean over the boundaries of (1 - cosine similarity) of the two residual streams, averaged over positions."""
+    distances = [
+        1 - F.cosine_similarity(student_states[s].float(), teacher_states[t].float(), dim=-1).mean()
+        for s, t in boundaries
+    ]
+    return torch.stack(distances).mean()
 
 
 def _head_weight(model: torch.nn.Module) -> torch.Tensor | None:
@@ -102,24 +143,31 @@ def distillation_step(
     teacher: torch.nn.Module,
     ids: torch.Tensor,
     settings: HealSettings,
+    boundaries: Sequence[tuple[int, int]] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(loss, detached parts, outputs) of one micro-batch. `model` is the student as training calls it (maybe
-    DDP-wrapped, so gradient synchronisation hooks run), `student` the same module unwrapped."""
+    DDP-wrapped, so gradient synchronisation hooks run), `student` the same module unwrapped. `boundaries`
+    (block_boundaries) are matched when settings.layer_weight > 0."""
     s = settings
+    layers = s.layer_weight > 0 and len(boundaries) > 0
     if not use_chunked_loss(s, student, teacher):
         with torch.no_grad():
-            t_hidden, t_logits = _final_hidden_and_logits(teacher, ids)
-        s_hidden, s_logits = _final_hidden_and_logits(model, ids)
+            t_states, t_logits = _hidden_states_and_logits(teacher, ids)
+        s_states, s_logits = _hidden_states_and_logits(model, ids)
         loss, parts = distillation_loss(
-            s_logits, t_logits, s_hidden, t_hidden, ids, s.kl_weight, s.cos_weight, s.lm_weight, s.temperature
+            s_logits, t_logits, s_states[-1], t_states[-1], ids, s.kl_weight, s.cos_weight, s.lm_weight, s.temperature
         )
+        if layers:
+            layer = boundary_cosine(s_states, t_states, boundaries)
+            loss, parts["layer"] = loss + s.layer_weight * layer, layer.detach()
         return loss, parts, {"logits": s_logits}
     with torch.inference_mode():
         base = teacher.__dict__.get("_ffnfusion_forward")
         base = base if base is not None else getattr(teacher, teacher.base_model_prefix)
-        t_hidden = base(input_ids=ids, use_cache=False).last_hidden_state
-    # Out of inference mode, so autograd may save it (for the cosine term's backward).
-    t_hidden = t_hidden.clone()
+        t_out = base(input_ids=ids, use_cache=False, output_hidden_states=layers)
+    # Out of inference mode, so autograd may save them (for the cosine terms' backward).
+    t_hidden = t_out.last_hidden_state.clone()
+    t_states = {t: t_out.hidden_states[t].clone() for _, t in boundaries} if layers else {}
     # The student's own forward, with the head applied to one position only: the loss applies it, in chunks.
     out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
     s_hidden = out.hidden_states[-1]
@@ -135,6 +183,9 @@ def distillation_step(
         s.temperature,
         compile_chunks=ids.is_cuda and s.compile in ("loss", "all"),
     )
+    if layers:
+        layer = boundary_cosine(out.hidden_states, t_states, boundaries)
+        loss, parts["layer"] = loss + s.layer_weight * layer, layer.detach()
     return loss, parts, {"hidden_states": s_hidden}
 
 
@@ -150,10 +201,18 @@ def matmul_parameters(model: torch.nn.Module) -> int:
 class DistillationTrainer(Trainer):
     """Trainer whose loss is distillation from a frozen teacher; everything else is stock Trainer behaviour."""
 
-    def __init__(self, *args: Any, teacher: torch.nn.Module, settings: HealSettings, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        teacher: torch.nn.Module,
+        settings: HealSettings,
+        boundaries: Sequence[tuple[int, int]] = (),
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.teacher = teacher
         self.settings = settings
+        self.boundaries = list(boundaries)
         # The loss is a per-micro-batch mean, so Trainer must divide it by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self._parts: dict[str, torch.Tensor] = {}
@@ -168,7 +227,7 @@ class DistillationTrainer(Trainer):
     ) -> Any:
         ids = inputs["input_ids"]
         loss, parts, outputs = distillation_step(
-            model, self.accelerator.unwrap_model(model), self.teacher, ids, self.settings
+            model, self.accelerator.unwrap_model(model), self.teacher, ids, self.settings, self.boundaries
         )
         for name, value in parts.items():
             self._parts[name] = self._parts.get(name, 0) + value
@@ -231,6 +290,7 @@ def probe_batch_size(
     settings: HealSettings,
     args: TrainingArguments,
     trainable: int,
+    boundaries: Sequence[tuple[int, int]] = (),
 ) -> int:
     """The micro-batch for throughput (auto_batch_size), probed with real training steps on CUDA."""
     device = args.device
@@ -248,7 +308,7 @@ def probe_batch_size(
     def step(b: int) -> None:
         ids = sequences[:b].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(settings.bf16)):
-            loss, _, _ = distillation_step(student, student, teacher, ids, settings)
+            loss, _, _ = distillation_step(student, student, teacher, ids, settings, boundaries)
         loss.backward()
         del loss
         student.zero_grad(set_to_none=False)  # keep the gradients allocated: training holds them too

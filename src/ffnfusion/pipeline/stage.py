@@ -257,7 +257,7 @@ class Run:
         self.log(f"healed: {summary.steps} steps, loss {summary.first_loss} -> {summary.last_loss}")
 
     def _eval_text(self) -> str:
-        """Perplexity text: the user's, or held-out text sampled from the model with a seed healing never uses."""
+        """Perplexity text: the user's, or held-out text the model writes from openers and a seed healing never uses."""
         cfg = self.config
         if cfg.eval_data:
             return cfg.eval_data
@@ -265,13 +265,16 @@ class Run:
             self.log("eval: no eval_data given; scoring perplexity on --data (the text healing trained on)")
             return cfg.data
         from ffnfusion.data import self_generated_texts
+        from ffnfusion.generate.prompts import HELD_OUT_OPENERS
         from ffnfusion.io.source import load_model, resolve_model
 
         target = self.path("data/eval_self.txt")
         if not target.is_file():
             source = resolve_model(cfg.model)
             model = load_model(source, "float32", cfg.device or ("cuda" if _cuda() else "cpu"))
-            texts = self_generated_texts(model, source.tokenizer(), 32, 512, cfg.seed + 104729, key=f"eval|{cfg.model}")
+            texts = self_generated_texts(
+                model, source.tokenizer(), 32, 512, cfg.seed + 104729, key=f"eval|{cfg.model}", openers=HELD_OUT_OPENERS
+            )
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text("\n\n".join(texts))
         return str(target)

@@ -1,0 +1,34 @@
+#!/bin/bash
+# Healing recipe at one depth: learning rate x corpus prompts, the same token budget for every cell, one fused model.
+#
+#   bash benchmarks/heal_sweep.sh MODEL.gguf VALID_TEXT TEST_TEXT WORK [DEPTH] [TOKENS]
+#
+# The fused model is `ffnfusion run` with the plan chosen by measured KL at DEPTH (default 45); each corpus is
+# written by the original (`ffnfusion generate`, temperature 1, no top-p, as `--data self`); each cell heals the same
+# fused model on TOKENS (default 8M). Cells are compared on VALID_TEXT (choose there) and reported on TEST_TEXT;
+# neither is ever trained on. Rerun to continue: finished steps are skipped.
+set -euo pipefail
+MODEL=$1 VALID=$2 TEST=$3 WORK=$4 DEPTH=${5:-45} TOKENS=${6:-8000000}
+CELLS=${CELLS:-"chat:1e-4 chat:3e-4 mix:3e-4 chat:1e-3 bos:3e-4 mix:1e-3"}
+ff() { "${PYTHON:-python3}" -m ffnfusion.cli "$@"; }
+mkdir -p "$WORK"
+printf 'data: self\nplan: {target_depth: %s, measure_recipes: true}\n' "$DEPTH" > "$WORK/fused.yaml"
+ff run --model "$MODEL" --out "$WORK/fused" --config "$WORK/fused.yaml" --stop-after fuse
+for cell in $CELLS; do
+  prompts=${cell%%:*}
+  resume=(); [ -d "$WORK/corpus-$prompts" ] && resume=(--resume)  # a complete corpus is then left as it is
+  ff generate "$MODEL" --out "$WORK/corpus-$prompts" --tokens "$TOKENS" --top-p 1.0 --prompts "$prompts" --seed 11 \
+    "${resume[@]}"
+done
+healed=(); labels=(--label original --label fused)
+for cell in $CELLS; do
+  prompts=${cell%%:*} lr=${cell##*:} out="$WORK/healed-$prompts-$lr"
+  resume=(); [ -d "$out.checkpoints" ] && resume=(--resume)
+  [ -f "$out/heal_summary.json" ] || ff heal "$WORK/fused/fused" --teacher "$MODEL" --data "$WORK/corpus-$prompts" \
+    --tokens "$TOKENS" --lr "$lr" --out "$out" "${resume[@]}"
+  healed+=("$out"); labels+=(--label "$prompts-$lr")
+done
+for split in valid:"$VALID" test:"$TEST"; do
+  ff eval "$MODEL" "$WORK/fused/fused" "${healed[@]}" --reference "$MODEL" "${labels[@]}" --data "${split#*:}" \
+    --out "$WORK/eval_${split%%:*}.json"
+done
