@@ -1,5 +1,6 @@
 #!/bin/bash
-# Healing recipe at one depth: learning rate x corpus prompts, the same token budget for every cell, one fused model.
+# Healing recipe at one depth: corpus prompts x learning rate (x block-boundary loss weight), the same token budget
+# for every cell, one fused model. Cells: CELLS="mix:1e-3 mix:1e-3:1.0 ..." (prompts:lr[:layer_weight]).
 #
 #   bash benchmarks/heal_sweep.sh MODEL.gguf VALID_TEXT TEST_TEXT WORK [DEPTH] [TOKENS]
 #
@@ -22,11 +23,12 @@ for cell in $CELLS; do
 done
 healed=(); labels=(--label original --label fused)
 for cell in $CELLS; do
-  prompts=${cell%%:*} lr=${cell##*:} out="$WORK/healed-$prompts-$lr"
+  IFS=: read -r prompts lr layer <<< "$cell"
+  name="$prompts-$lr${layer:+-layer$layer}" out="$WORK/healed-$prompts-$lr${layer:+-layer$layer}"
   resume=(); [ -d "$out.checkpoints" ] && resume=(--resume)
   [ -f "$out/heal_summary.json" ] || ff heal "$WORK/fused/fused" --teacher "$MODEL" --data "$WORK/corpus-$prompts" \
-    --tokens "$TOKENS" --lr "$lr" --out "$out" "${resume[@]}"
-  healed+=("$out"); labels+=(--label "$prompts-$lr")
+    --tokens "$TOKENS" --lr "$lr" --layer-weight "${layer:-0}" --out "$out" "${resume[@]}"
+  healed+=("$out"); labels+=(--label "$name")
 done
 for split in valid:"$VALID" test:"$TEST"; do
   ff eval "$MODEL" "$WORK/fused/fused" "${healed[@]}" --reference "$MODEL" "${labels[@]}" --data "${split#*:}" \

@@ -293,3 +293,44 @@ def test_eval_refuses_bad_requests(tiny_folder, tmp_path):
         app, ["eval", str(tiny_folder), "--tasks", "nosuchtask", "--out", str(tmp_path / "e.json")]
     )
     assert result.exit_code == 2 and "unknown task(s): nosuchtask" in result.output
+
+
+def test_reference_scores_are_reused_for_the_same_weights_text_and_settings(tiny_folder, tmp_path, monkeypatch):
+    """The reference's scores come back from the cache only when nothing that decides them changed."""
+    import ffnfusion.eval.stage as stage
+    from ffnfusion.eval.cache import weights_digest
+
+    monkeypatch.setenv("FFNFUSION_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    tiny_model("llama", seed=5, vocab_size=len(byte_tokenizer()), max_position_embeddings=256).save_pretrained(other)
+    byte_tokenizer().save_pretrained(other)
+    text, text2 = tmp_path / "t.txt", tmp_path / "t2.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    text2.write_text("a different text to score, with other words in it. " * 20)
+    scored = []
+    real = stage.score_windows
+    monkeypatch.setattr(stage, "score_windows", lambda model, *a: scored.append(model) or real(model, *a))
+
+    def ev(data=text, **kw):
+        return evaluate([str(tiny_folder), str(other)], reference=str(tiny_folder), data=str(data), device="cpu",
+                        progress=False, context_len=64, **kw)  # fmt: skip
+
+    first = ev()
+    assert len(scored) == 2 and "cached_scores" not in first["models"][0]
+    again = ev()
+    assert len(scored) == 3  # only `other` was scored again
+    assert again["models"][0]["cached_scores"] is True and "cached_scores" not in again["models"][1]
+    for key in ("perplexity", "fidelity"):
+        assert again["models"][0][key] == first["models"][0][key]
+    assert again["models"][1]["perplexity"] == first["models"][1]["perplexity"]
+    ev(data=text2)  # another text
+    ev(stride=32)  # another scoring setting
+    ev(cache=False)  # asked not to
+    assert len(scored) == 9
+    # Any change to any weight is another key; the same weights in another module are the same.
+    model = tiny_model("llama", seed=5)
+    digest = weights_digest(model)
+    assert weights_digest(tiny_model("llama", seed=5)) == digest
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 7] += 1e-3
+    assert weights_digest(model) != digest

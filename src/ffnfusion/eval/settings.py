@@ -34,3 +34,6 @@ class EvalSettings(BaseModel):
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     seed: int = 0
+    cache: bool = Field(
+        True, description="reuse the reference model's scores from an earlier eval of the same weights, text and tasks"
+    )

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ffnfusion.eval.cache import files_digest, load_scores, score_key, store_scores, stream_digest, weights_digest
 from ffnfusion.eval.scoring import EvalError, score_windows, sliding_windows
 from ffnfusion.eval.settings import EvalSettings
 from ffnfusion.eval.zero_shot import resolve_tasks, run_tasks, task_manager
@@ -106,6 +107,9 @@ def evaluate(
     stream_for = _streams(data, s.text_field, ref_tok, max_tokens)
 
     scoring = _Scoring(context_len, stride, batch_size, limit, seed, progress, task_list, manager)
+    recorded = _settings(
+        data, context_len, stride, max_tokens, task_list, task_data_dir, limit, batch_size, torch_dtype, device, seed
+    )
     ref_model = load_model(ref_source, torch_dtype, device) if ref_source is not None else None
     rows = []
     for spec, name, source, tok in zip(models, names, sources, tokenizers):
@@ -113,20 +117,37 @@ def evaluate(
         model = ref_model if _same_model(source, ref_source) else load_model(source, torch_dtype, device)
         torch.manual_seed(seed)
         row = _row(name, spec, model)
-        _score(row, model, tok, ref_model, stream_for, scoring)
+        # Only the reference is looked up: it is the model every run and every variant of a study scores again.
+        key = _score_key(model, tok, stream_for, recorded, task_data_dir) if s.cache and model is ref_model else None
+        cached = load_scores(key) if key else None
+        if cached is not None:
+            row.update(cached, cached_scores=True)
+        else:
+            _score(row, model, tok, ref_model, stream_for, scoring)
+            if key:
+                store_scores(key, row)
         row["seconds"] = round(time.perf_counter() - started, 2)
         rows.append(row)
         if model is not ref_model:
             del model
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    recorded = _settings(
-        data, context_len, stride, max_tokens, task_list, task_data_dir, limit, batch_size, torch_dtype, device, seed
-    )
     result = _result(recorded, reference, rows)
     if out is not None:
         write_eval(result, out)
     return result
+
+
+def _score_key(
+    model: torch.nn.Module,
+    tok: Any,
+    stream_for: Callable[[Any], torch.Tensor] | None,
+    recorded: dict[str, Any],
+    task_data_dir: str | Path | None,
+) -> str:
+    text = stream_digest(stream_for(tok)) if stream_for is not None else None
+    task_files = files_digest(task_data_dir) if recorded["tasks"] else None
+    return score_key(weights_digest(model), recorded, text, task_files)
 
 
 def _check_settings(

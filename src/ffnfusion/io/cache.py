@@ -1,5 +1,5 @@
-"""Where ffnfusion caches what it can recompute (self-generated text and corpora): $FFNFUSION_CACHE or
-~/.cache/ffnfusion."""
+"""Where ffnfusion caches what it can recompute (self-generated text and corpora, the reference's eval scores):
+$FFNFUSION_CACHE or ~/.cache/ffnfusion."""
 
 from __future__ import annotations
 
