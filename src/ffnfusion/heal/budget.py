@@ -193,7 +193,8 @@ class TokenProgressCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if self.progress is None or not logs:
             return
-        parts = [f"{label} {logs[key]:.4f}" for key, label in (("loss_kl", "KL"), ("loss_cos", "cos")) if key in logs]
+        shown = (("loss_kl", "KL"), ("loss_cos", "cos"), ("loss_layer", "layer"))
+        parts = [f"{label} {logs[key]:.4f}" for key, label in shown if key in logs]
         if parts:
             self.loss_text = "  ".join(parts)
 
