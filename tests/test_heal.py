@@ -346,7 +346,13 @@ def test_killed_run_resumes_to_the_same_weights(setup) -> None:
         run(setup, "resumed")
     with pytest.raises(HealError, match="settings differ"):
         run(setup, "resumed", resume=True, lr=2e-3)
-    resumed, weights = run(setup, "resumed", resume=True)
+    # A run started before a setting existed resumes (it had the default), and without --lr it keeps its own rate.
+    saved = checkpoints / "heal_settings.json"
+    older = json.loads(saved.read_text())
+    del older["layer_weight"]
+    saved.write_text(json.dumps(older))
+    resumed, weights = run(setup, "resumed", resume=True, lr=None)
+    assert resumed.lr == 1e-3
     assert resumed.steps == 8
     _, reference = run(setup, "uninterrupted")
     for name in reference:

@@ -19,7 +19,7 @@ from ffnfusion.io.cache import default_cache_dir
 from ffnfusion.io.output import write_atomic
 
 CACHE_VERSION = 1
-# Settings that only say how a score was reached on this machine, not which score: not part of the key.
+# Paths: the key holds digests of what they hold instead (a moved file is the same text, an edited one is not).
 _NOT_KEYED = ("data", "task_data_dir")
 _SCORES = ("perplexity", "fidelity", "tasks")
 

@@ -111,7 +111,12 @@ def _check_resume(checkpoint_dir: Path, settings: HealSettings, resume: bool) ->
         before = json.loads(saved.read_text())
         if settings.batch_size is None and before.get("batch_size"):
             settings.batch_size = int(before["batch_size"])  # the automatic size the interrupted run picked
+        if settings.lr is None and before.get("lr"):
+            settings.lr = float(before["lr"])  # the rate the interrupted run trained with, automatic or given
         now = json.loads(json.dumps(settings.training_key()))
+        # A setting added since the interrupted run started had its default there.
+        fields = HealSettings.model_fields
+        before = {k: fields[k].default for k in now if k not in before and not fields[k].is_required()} | before
         differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if differ:
             raise HealError(

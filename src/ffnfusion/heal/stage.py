@@ -168,9 +168,6 @@ def _prepare(
     out = Path(out).resolve()
     s_source, t_source = resolve_model(student), resolve_model(teacher)
     student_config = check_student(s_source)
-    if settings.lr is None:
-        # Resolved before the resume check, so a resumed run compares the rate the first run trained with.
-        settings.lr = default_lr(int(student_config.get("hidden_size") or 0))
     inputs = [("input model", s_source.input_path), ("input model", t_source.input_path)]
     inputs += [("data", spec) for spec in settings.data]
     check_output_dir(out, "heal", inputs, overwrite, error=HealError)
@@ -179,7 +176,9 @@ def _prepare(
     check_output_dir(checkpoint_dir, CHECKPOINTS_VERB, inputs, overwrite=True, error=HealError)
     if overwrite and not resume and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
-    resume_from = _check_resume(checkpoint_dir, settings, resume)
+    resume_from = _check_resume(checkpoint_dir, settings, resume)  # a resumed run takes the rate it trained with
+    if settings.lr is None:
+        settings.lr = default_lr(int(student_config.get("hidden_size") or 0))
 
     t_config = t_source.config()
     s_tok, t_tok = s_source.tokenizer(), t_source.tokenizer()
