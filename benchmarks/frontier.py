@@ -5,7 +5,7 @@ decode latency against sequential sub-blocks.
     python benchmarks/frontier.py --model SmolLM2-135M-Instruct.Q4_1.gguf --eval-data wiki.test.raw \\
         --work runs/frontier --depths 52,48,45,40 --recipes auto,attention,fusion,parallel,layer-drop \\
         [--heal-tokens 8000000] [--tasks hellaswag,arc_easy,... --task-data-dir DIR --limit 500 --task-depths 45]
-        [--jobs 2]
+        [--jobs 2] [--heal layer_weight=1.0 --heal lr=3e-3]
 
 Every variant is an ordinary run folder (work/d45-auto/ ...) made from one shared analysis (work/base), so each row
 can be inspected, reported or resumed like any run, and the script itself resumes: rerun it and finished stages
@@ -43,6 +43,9 @@ def variant_config(args: argparse.Namespace, depth: int, recipe: str) -> dict:
     config["heal"] = {"tokens": args.heal_tokens} if args.heal_tokens else {}
     if args.heal_batch_size:
         config["heal"]["batch_size"] = args.heal_batch_size
+    for option in args.heal or []:
+        key, _, value = option.partition("=")
+        config["heal"][key.strip().replace("-", "_")] = _option_value(value.strip())
     config["eval"] = {}
     if args.tasks and (not args.task_depths or depth in {int(d) for d in args.task_depths.split(",")}):
         config["eval"] = {"tasks": args.tasks.split(","), "task_data_dir": str(Path(args.task_data_dir).resolve())}
@@ -50,6 +53,16 @@ def variant_config(args: argparse.Namespace, depth: int, recipe: str) -> dict:
             config["eval"]["limit"] = args.limit
     config["bench"] = {"batch_sizes": [int(b) for b in args.batch_sizes.split(",")]}
     return config
+
+
+def _option_value(text: str) -> object:
+    """A --heal value: a number where it reads as one (YAML takes 3e-3 for a string), else YAML (true, [1, 2])."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
 
 
 def ffnfusion_run(model: str, folder: Path, *extra: str) -> None:
@@ -207,6 +220,9 @@ def main() -> None:
     p.add_argument("--recipes", default="auto,layer-drop", help=f"comma-separated: {', '.join(RECIPES)}")
     p.add_argument("--heal-tokens", type=int, help="the same budget for every variant (default: the run's)")
     p.add_argument("--heal-batch-size", type=int)
+    p.add_argument(
+        "--heal", action="append", metavar="KEY=VALUE", help="any heal option for every variant (repeatable): lr=3e-3"
+    )
     p.add_argument("--samples", type=int, help="analysis calibration sequences (default: analyze's)")
     p.add_argument("--proxy", action="store_true", help="rank recipes by the proxy instead of measuring them")
     p.add_argument("--tasks")
