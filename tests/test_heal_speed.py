@@ -49,6 +49,31 @@ def test_chunked_loss_equals_plain_loss_and_gradients(shape, monkeypatch) -> Non
         assert torch.allclose(mine, ref, rtol=1e-4, atol=1e-6), (mine - ref).abs().max()
 
 
+def test_compiled_chunk_is_compiled_once_per_chunk_shape_not_per_batch_size(monkeypatch) -> None:
+    """The automatic batch probe tries batch after batch: the compiled chunk function must not specialise on the
+    loss scales that change with them (it did, and hit dynamo's recompile limit of 8 within one probe)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    # dynamo's own graph capture without a C++ compiler: the same guards and recompiles as the GPU's inductor.
+    monkeypatch.setattr(
+        distill_loss, "_compiled_chunk_terms", torch.compile(distill_loss._chunk_terms, dynamic=False, backend="eager")
+    )
+    g = torch.Generator().manual_seed(3)
+    ws, wt = torch.randn(37, 8, generator=g), torch.randn(37, 8, generator=g)
+    for batch in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
+        hs = torch.randn(batch, 8, 8, generator=g, requires_grad=True)
+        ht = torch.randn(batch, 8, 8, generator=g)
+        ids = torch.randint(0, 37, (batch, 8), generator=g)
+        got, _ = chunked_distillation_loss(hs, ht, ws, wt, ids, lm_weight=0.5, chunk=8, compile_chunks=True)
+        want, _ = chunked_distillation_loss(hs, ht, ws, wt, ids, lm_weight=0.5, chunk=8)
+        torch.testing.assert_close(got, want)
+    assert counters["stats"]["unique_graphs"] == 1  # every chunk is [8, 37]: one graph for ten batch sizes
+    torch._dynamo.reset()
+
+
 def test_chunked_loss_frozen_head_and_default_chunk() -> None:
     hs = torch.randn(2, 5, 4, requires_grad=True)
     ws = torch.randn(11, 4)  # frozen head (--scope changed): only the hidden states get a gradient

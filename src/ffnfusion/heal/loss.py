@@ -39,15 +39,18 @@ def _chunk_terms(
     zt: torch.Tensor,
     target: torch.Tensor | None,
     temperature: float,
-    kl_scale: float,
-    lm_scale: float,
+    scales: torch.Tensor,
+    lm_grad: bool,
     want_lm: bool,
     want_grad: bool,
     grad_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(sum of KL over the chunk's rows, sum of NLL, d loss / d student logits) for one chunk of fp32 logits.
 
-    kl_scale / lm_scale are the factors of the KL sum and the NLL sum in the loss (weights, T^2, 1/count).
+    `scales` = [kl_scale, lm_scale], the factors of the KL sum and the NLL sum in the loss (weights, T^2, 1/count).
+    They are a tensor, not floats: they change with the number of tokens per micro-batch, and the compiled function
+    specialises on a float's value, so each batch size the automatic probe tried compiled it once more (until
+    dynamo's limit of 8, after which it runs uncompiled). `lm_grad`: whether the LM term has a gradient.
     """
     zs, zt = zs.float(), zt.float()
     if temperature != 1.0:
@@ -63,17 +66,17 @@ def _chunk_terms(
     grad = None
     if want_grad:
         # d/dz_s of KL(p_t || softmax(z_s / T)) = (softmax(z_s / T) - p_t) / T; kl_scale holds the T^2.
-        grad = (s_logp.exp() - t_p) * (kl_scale / temperature)
+        grad = (s_logp.exp() - t_p) * (scales[0] / temperature)
     if want_lm:
         lm_logp = s_logp if temperature == 1.0 else F.log_softmax(zs, dim=-1)
         valid = target >= 0
         safe = target.clamp_min(0)
         picked = lm_logp.gather(1, safe[:, None])[:, 0]
         nll = -(picked * valid).sum()
-        if want_grad and lm_scale != 0:
+        if want_grad and lm_grad:
             g_lm = lm_logp.exp()
             g_lm.scatter_add_(1, safe[:, None], -torch.ones_like(picked)[:, None])
-            grad = grad + g_lm * (valid[:, None] * lm_scale)
+            grad = grad + g_lm * (valid[:, None] * scales[1])
     return kl, nll, grad.to(grad_dtype) if grad is not None else None
 
 
@@ -100,14 +103,14 @@ def _head_sums(
     chunk: int,
     fn: Any,
     compute_dtype: torch.dtype,
-    terms: tuple[float, float, float, bool, bool],
+    terms: tuple[float, torch.Tensor, bool, bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed KL and NLL over all tokens, chunk by chunk; fills grad_h and accumulates grad_w in place.
 
     The logits of one chunk never outlive it: only their gradients are kept, for a group of chunks, so the weight
     gradient is one large product per group instead of one small one per chunk.
     """
-    temperature, kl_scale, lm_scale, want_lm, want_grad = terms
+    temperature, scales, lm_grad, want_lm, want_grad = terms
     n, vocab = s_hidden.shape[0], ws.shape[0]
     kl_sum = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
     nll_sum = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
@@ -124,7 +127,7 @@ def _head_sums(
             zs = s_hidden[start:end].to(compute_dtype) @ ws.t()
             zt = t_hidden[start:end].to(compute_dtype) @ wt.t()
             tgt = target[start:end] if want_lm else None
-            kl, nll, g = fn(zs, zt, tgt, temperature, kl_scale, lm_scale, want_lm, want_grad, compute_dtype)
+            kl, nll, g = fn(zs, zt, tgt, temperature, scales, lm_grad, want_lm, want_grad, compute_dtype)
             kl_sum += kl
             nll_sum += nll
             if g is not None:
@@ -172,7 +175,10 @@ class _FusedHeadDistill(torch.autograd.Function):
         wt = t_weight.to(compute_dtype)
         grad_h = torch.empty_like(s_hidden) if grad_h_needed else None
         grad_w = torch.zeros(s_weight.shape, dtype=torch.float32, device=s_weight.device) if grad_w_needed else None
-        tm = (temperature, kl_scale, lm_scale, want_lm, want_grad)
+        # Filled on the device (a kernel argument each), not copied from the host: no sync in the training step.
+        scales = torch.full((2,), kl_scale, dtype=torch.float32, device=s_hidden.device)
+        scales[1] = lm_scale
+        tm = (temperature, scales, lm_scale != 0, want_lm, want_grad)
         kl_sum, nll_sum = _head_sums(s_hidden, ws, t_hidden, wt, target, grad_h, grad_w, chunk, fn, compute_dtype, tm)
         kl = kl_sum * (temperature**2 / n)
         lm = nll_sum / max(1, n_lm)
