@@ -472,3 +472,12 @@ def test_heal_with_the_layer_term_logs_it(setup) -> None:
     assert len(logged) == 2 and all(v > 0 for v in logged)
     with pytest.raises(HealError, match="loss weights must not be negative"):
         settings(setup, layer_weight=-1.0).check()
+
+
+def test_heal_reports_its_wall_time_by_phase(setup) -> None:
+    summary, _ = run(setup, "phases", batch_size=None, max_steps=1, warmup=0)
+    assert list(summary.phase_seconds) == ["checks, models and data", "batch probe", "training"]
+    assert all(v >= 0 for v in summary.phase_seconds.values())
+    assert summary.phase_seconds["training"] >= summary.train_seconds * 0.5  # Trainer's runtime is inside it
+    saved = json.loads((setup["root"] / "phases" / "heal_summary.json").read_text())["result"]
+    assert saved["phase_seconds"] == summary.phase_seconds

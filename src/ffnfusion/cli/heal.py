@@ -53,6 +53,8 @@ def heal(
         table.add_row("loss, first -> last log", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}")
     table.add_row("loss curve", str(summary.out / "loss_curve.png"))
     table.add_row("training time", f"{summary.train_seconds:.1f} s")
+    if summary.phase_seconds:
+        table.add_row("wall time", ", ".join(f"{name} {sec:.1f} s" for name, sec in summary.phase_seconds.items()))
     table.add_row(
         "throughput", f"{summary.tokens_per_second:,.0f} tokens/s ({summary.train_tflops:,.1f} model TFLOP/s)"
     )

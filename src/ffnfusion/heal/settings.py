@@ -174,4 +174,5 @@ class HealSummary:
     limited_by: str = ""
     stopped_by_time: bool = False
     train_tflops: float = math.nan  # model FLOP/s achieved (6 x student + 2 x teacher matmul params per token)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall time before and of training, by phase
     warnings: list[str] = field(default_factory=list)

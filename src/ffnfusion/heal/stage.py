@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,16 +97,28 @@ def heal(
     run = settings_from(HealRun, run, run_options)
     settings.check()
     settings.bf16 = _resolve_bf16(settings.bf16)
+    # Wall time of each phase, in heal_summary.json: a short heal can spend much of its time outside training.
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = round(now - mark, 2)
+        mark = now
+
     job = _prepare(student, teacher, out, settings, overwrite, resume, checkpoint_dir)
     args = _training_args(settings, job.checkpoint_dir, run.save_steps, run.logging_steps)
     _check_token_budget(settings, args)
     teacher_model = _load_teacher(job.t_source, settings, args)
     sequences = _training_sequences(job, settings, args, teacher_model)
     student_model, blocks, trainable, total = _load_student(job, settings)
+    phase("checks, models and data")
     if settings.batch_size is None:
         settings.batch_size = probe_batch_size(
             student_model, teacher_model, sequences, settings, args, trainable, job.boundaries
         )
+        phase("batch probe")
     budget, warnings = _budget(int(sequences.shape[0]), settings, args)
     callbacks, timer = _callbacks(callbacks, settings, budget.tokens_per_step, progress)
     if args.process_index == 0:
@@ -124,11 +137,13 @@ def heal(
     if progress:  # the progress bar replaces Trainer's printed log lines
         trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=job.resume_from)
+    phase("training")
 
     # Collective on FSDP (gathers the shards), so every process calls it; only the main one writes.
     state = trainer.accelerator.get_state_dict(trainer.model)
     trained = _Trained(trainer, result, teacher_model, sequences, blocks, trainable, total)
     summary = _summary(job.out, trained, settings, args, budget, timer, warnings)
+    summary.phase_seconds = phases
     if trainer.is_world_process_zero():
         write_output(
             job.out, job.inputs, job.s_source, job.student_config, state, job.tokenizer, summary, settings, overwrite
