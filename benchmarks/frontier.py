@@ -131,6 +131,11 @@ def row(folder: Path) -> dict:
         "before_heal": _quality(models["fused"]),
         "healed": _quality(final) if "healed" in models else None,
     }
+    heal_file = folder / "healed" / "heal_summary.json"
+    if heal_file.is_file():  # what the heal actually used (automatic values resolved), to tell tables apart
+        heal = json.loads(heal_file.read_text())
+        used = {k: heal["settings"].get(k) for k in ("lr", "batch_size", "layer_weight", "cos_weight", "scope")}
+        out["heal"] = {**used, "tokens": heal["result"]["tokens"], "steps": heal["result"]["steps"]}
     bench_file = folder / "bench.json"
     if bench_file.is_file():
         bench = json.loads(bench_file.read_text())["models"]
@@ -181,6 +186,8 @@ def write_table(rows: list[dict], work: Path) -> str:
             f"| {_cell(q['kl'], '.4f')} | {_cell(q['top1'], '.3f')} | {_cell(q['task_mean'], '.3f')} "
             f"| {_cell(b['ppl'], '.2f')} | {_cell(b['kl'], '.4f')} |" + "".join(f" {cell} |" for cell in lat)
         )
+    heals = sorted({json.dumps(r["heal"], sort_keys=True) for r in rows if r.get("heal")})
+    lines += [""] + [f"heal: {', '.join(f'{k} {v}' for k, v in json.loads(h).items())}" for h in heals]
     table = "\n".join(lines) + "\n"
     (work / "frontier.md").write_text(table)
     (work / "frontier.json").write_text(json.dumps(rows, indent=2) + "\n")
