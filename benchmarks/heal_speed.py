@@ -176,6 +176,7 @@ def run_variant(name: str, batch: int, teacher: torch.nn.Module, make_student: A
         data=["random"],
         seq_len=a.seq_len,
         batch_size=batch,
+        lr=1e-4,  # as the other variants' TrainingArguments (ffnfusion heal resolves its automatic rate from the model)
         bf16=True,
         gradient_checkpointing=gc,
         loss_impl="plain" if base == "old" else "chunked",
