@@ -15,7 +15,7 @@ process (never wrapped or sharded): fine for models that fit one device, the cas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -109,9 +109,12 @@ def block_boundaries(plan: Plan | None, num_original_layers: int, num_blocks: in
 
 
 def boundary_cosine(
-    student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor], boundaries: Sequence[tuple]
+    student_states: Sequence[torch.Tensor],
+    teacher_states: Sequence[torch.Tensor] | Mapping[int, torch.Tensor],
+    boundaries: Sequence[tuple[int, int]],
 ) -> torch.Tensor:
-    """Mean over the boundaries of (1 - cosine similarity) of the two residual streams, averaged over positions."""
+    """Mean over the boundaries of (1 - cosine similarity) of the two residual streams, averaged over positions.
+    `teacher_states` may hold only the indices the boundaries name."""
     distances = [
         1 - F.cosine_similarity(student_states[s].float(), teacher_states[t].float(), dim=-1).mean()
         for s, t in boundaries
