@@ -354,3 +354,12 @@ def test_held_out_text_starts_from_its_openers(tmp_path) -> None:
     assert self_generated_texts(never, tok, 5, 12, 3, tmp_path, "k", 4, openers=openers) == texts
     plain = self_generated_texts(model, tok, 5, 12, 3, tmp_path, "k", 4)
     assert len(plain) == 5 and not any(t.startswith(o) for t in plain for o in openers)
+
+
+def test_self_text_without_a_start_token_is_refused_clearly() -> None:
+    from ffnfusion.data import DataError
+
+    tok = char_tokenizer()
+    tok.eos_token = None  # neither BOS nor EOS: nothing to start sampling from
+    with pytest.raises(DataError, match="neither a BOS nor an EOS token"):
+        self_generated_texts(tiny_model("llama"), tok, 2, 8, seed=0, cache_dir=None, key="no-start")

@@ -227,6 +227,11 @@ def self_generated_texts(
     if not isinstance(model, torch.nn.Module):
         model = model()  # a loader: the model is only loaded when the text is not cached
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise DataError(
+            "the tokenizer has neither a BOS nor an EOS token for the model to start writing from: give text "
+            "(a file, folder or dataset) instead of `self`."
+        )
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start
     opening = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in openers or [""]]
     device = next(model.parameters()).device
