@@ -451,17 +451,22 @@ def test_packed_sequences_are_consecutive_windows_of_the_stream(setup) -> None:
 
 
 def test_automatic_learning_rate(setup) -> None:
-    # The rule: 1e-3 up to 576 wide (where it was measured), then inversely with width.
+    # The rule: 1e-3 up to 576 wide at 65,536 tokens per step (where it was measured), then inversely with width
+    # and with the square root of the step's tokens below that; never above 1e-3.
     assert default_lr(576) == pytest.approx(1e-3) and default_lr(64) == pytest.approx(1e-3)
     assert default_lr(4096) == pytest.approx(1e-3 * 576 / 4096)
     assert default_lr(1152) == pytest.approx(default_lr(576) / 2)
+    assert default_lr(576, 16384) == pytest.approx(5e-4) and default_lr(576, 4096) == pytest.approx(2.5e-4)
+    assert default_lr(576, 10**7) == pytest.approx(1e-3)
+    assert default_lr(4096, 16384) == pytest.approx(1e-3 * 576 / 4096 / 2)
     summary, _ = run(setup, "auto-lr", lr=None, max_steps=2, warmup=0)
     hidden = json.loads((setup["student"] / "config.json").read_text())["hidden_size"]
-    assert summary.lr == pytest.approx(default_lr(hidden))
+    want = default_lr(hidden, 4 * 32)  # the settings' 4 sequences of 32 tokens per step
+    assert summary.lr == pytest.approx(want)
     saved = json.loads((setup["root"] / "auto-lr" / "heal_summary.json").read_text())["settings"]
-    assert saved["lr"] == pytest.approx(default_lr(hidden))  # what was trained with, not "automatic"
+    assert saved["lr"] == pytest.approx(want)  # what was trained with, not "automatic"
     first = next(r["learning_rate"] for r in summary.log_history if "learning_rate" in r)
-    assert first == pytest.approx(default_lr(hidden))  # no warm-up: the first step runs at the peak
+    assert first == pytest.approx(want)  # no warm-up: the first step runs at the peak
     with pytest.raises(HealError, match="--lr must be in"):
         settings(setup, lr=0.0).check()
 

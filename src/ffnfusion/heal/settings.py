@@ -24,17 +24,23 @@ class HealError(ValueError):
     """Inputs that cannot be distilled: not a fused student, mismatched vocabularies, bad settings."""
 
 
-# The automatic peak learning rate: 1e-3 for a model 576 wide (SmolLM2-135M), scaled by 576 / hidden size above that.
-# Measured on SmolLM2-135M fused to 45 sub-blocks, 8M tokens (RESULTS.md): 1e-4 -> 3e-4 -> 1e-3 took WikiText-2 valid
-# perplexity 36.8 -> 34.7 -> 33.9. Adam's update of a weight matrix grows with its fan-in, so wider models get a
-# proportionally smaller rate (muP's rule; 1.4e-4 at Llama-3.1-8B's 4096, near a third of their pre-training peaks).
+# The automatic peak learning rate: 1e-3 for a model 576 wide (SmolLM2-135M) at 65,536 tokens per optimizer step,
+# where it was measured: on SmolLM2-135M fused to 45 sub-blocks, 8M tokens (RESULTS.md), 1e-4 -> 3e-4 -> 1e-3 took
+# WikiText-2 valid perplexity 36.8 -> 34.7 -> 33.9. Two priors scale it down from there, never up:
+# - width: Adam's update of a weight matrix grows with its fan-in, so a wider model gets 576 / hidden of it (muP's
+#   rule; 1.4e-4 at Llama-3.1-8B's 4096, near a third of their pre-training peaks);
+# - step size: a smaller step's gradient is noisier, and Adam's rate follows the square root of the batch (the SDE
+#   scaling rule): 2.5e-4 at 4,096 tokens per step (a CPU's 8 x 512).
 AUTO_LR = 1e-3
 AUTO_LR_WIDTH = 576
+AUTO_LR_STEP_TOKENS = 65536
 
 
-def default_lr(hidden_size: int) -> float:
-    """The peak learning rate a heal uses when none is given, for a model `hidden_size` wide."""
-    return AUTO_LR * min(1.0, AUTO_LR_WIDTH / hidden_size) if hidden_size > 0 else AUTO_LR
+def default_lr(hidden_size: int, step_tokens: int = AUTO_LR_STEP_TOKENS) -> float:
+    """The peak learning rate a heal uses when none is given: a model `hidden_size` wide, `step_tokens` per step."""
+    width = min(1.0, AUTO_LR_WIDTH / hidden_size) if hidden_size > 0 else 1.0
+    step = min(1.0, math.sqrt(max(1, step_tokens) / AUTO_LR_STEP_TOKENS))
+    return AUTO_LR * width * step
 
 
 class HealSettings(BaseModel):
@@ -66,7 +72,9 @@ class HealSettings(BaseModel):
     minutes: float | None = Field(None, description="training-time budget; with --tokens, first wins")
     max_epochs: int = Field(1, description="under --tokens/--minutes: no sequence is seen more often than this")
     lr: float | None = Field(
-        None, description="peak learning rate (AdamW, cosine decay; default: automatic, 1e-3 scaled down by width)"
+        None,
+        description="peak learning rate (AdamW, cosine decay; default: automatic, 1e-3 scaled down by width and "
+        "for steps under 65,536 tokens)",
     )
     weight_decay: float = 0.0
     warmup: float = Field(0.05, description="warm-up: fraction of the steps (<1) or a number of steps")

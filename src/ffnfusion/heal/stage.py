@@ -119,6 +119,10 @@ def heal(
             student_model, teacher_model, sequences, settings, args, trainable, job.boundaries
         )
         phase("batch probe")
+    if settings.lr is None:  # automatic: it depends on the width and on the tokens per step, known only now
+        step_tokens = settings.batch_size * settings.grad_accum * args.world_size * settings.seq_len
+        settings.lr = default_lr(int(job.student_config.get("hidden_size") or 0), step_tokens)
+    args.learning_rate = settings.lr
     budget, warnings = _budget(int(sequences.shape[0]), settings, args)
     callbacks, timer = _callbacks(callbacks, settings, budget.tokens_per_step, progress)
     if args.process_index == 0:
@@ -192,8 +196,6 @@ def _prepare(
     if overwrite and not resume and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     resume_from = _check_resume(checkpoint_dir, settings, resume)  # a resumed run takes the rate it trained with
-    if settings.lr is None:
-        settings.lr = default_lr(int(student_config.get("hidden_size") or 0))
 
     t_config = t_source.config()
     s_tok, t_tok = s_source.tokenizer(), t_source.tokenizer()
@@ -230,7 +232,7 @@ def _training_args(
         gradient_accumulation_steps=settings.grad_accum,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
-        learning_rate=settings.lr,
+        learning_rate=settings.lr or 0.0,  # an automatic rate is set once the batch size is known
         weight_decay=settings.weight_decay,
         lr_scheduler_type="cosine",
         warmup_steps=settings.warmup if settings.warmup < 1 else int(settings.warmup),
