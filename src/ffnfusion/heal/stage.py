@@ -119,11 +119,10 @@ def heal(
             student_model, teacher_model, sequences, settings, args, trainable, job.boundaries
         )
         phase("batch probe")
-    if settings.lr is None:  # automatic: it depends on the width and on the tokens per step, known only now
-        step_tokens = settings.batch_size * settings.grad_accum * args.world_size * settings.seq_len
-        settings.lr = default_lr(int(job.student_config.get("hidden_size") or 0), step_tokens)
-    args.learning_rate = settings.lr
     budget, warnings = _budget(int(sequences.shape[0]), settings, args)
+    if settings.lr is None:  # automatic: it depends on the width and on the tokens per step, known only now
+        settings.lr = default_lr(int(job.student_config.get("hidden_size") or 0), budget.tokens_per_step)
+    args.learning_rate = settings.lr
     callbacks, timer = _callbacks(callbacks, settings, budget.tokens_per_step, progress)
     if args.process_index == 0:
         _start_checkpoints(job.checkpoint_dir, settings)
