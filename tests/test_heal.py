@@ -480,9 +480,12 @@ def test_heal_with_the_layer_term_logs_it(setup) -> None:
 
 
 def test_heal_reports_its_wall_time_by_phase(setup) -> None:
-    summary, _ = run(setup, "phases", batch_size=None, max_steps=1, warmup=0)
+    summary, _ = run(setup, "phases", batch_size=None, max_steps=2, warmup=0)
     assert list(summary.phase_seconds) == ["checks, models and data", "batch probe", "training"]
     assert all(v >= 0 for v in summary.phase_seconds.values())
+    # Each log row says when it was written, counted from the first step, within the training phase.
+    elapsed = [r["elapsed_s"] for r in summary.log_history if "loss" in r]
+    assert len(elapsed) == 2 and 0 < elapsed[0] <= elapsed[1] <= summary.phase_seconds["training"]
     assert summary.phase_seconds["training"] >= summary.train_seconds * 0.5  # Trainer's runtime is inside it
     saved = json.loads((setup["root"] / "phases" / "heal_summary.json").read_text())["result"]
     assert saved["phase_seconds"] == summary.phase_seconds

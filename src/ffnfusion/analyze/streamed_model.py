@@ -56,7 +56,7 @@ def measure_streamed_model(
     from ffnfusion.analyze.streamed import LayerLoader, PassProgress, measure_streamed, plan_streaming
 
     num_layers = len(decilm_config["block_configs"])
-    if source.gguf_file:
+    if source.gguf_file and source.weights_folder() is None:
         say(
             "note: a .gguf is dequantised whole into host memory before streaming; a safetensors folder is read "
             "one tensor at a time"

@@ -15,6 +15,7 @@ process (never wrapped or sharded): fine for models that fit one device, the cas
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -220,6 +221,7 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._parts: dict[str, torch.Tensor] = {}
         self._parts_count = 0
+        self._first_step_began: float | None = None
 
     def compute_loss(
         self,
@@ -229,6 +231,8 @@ class DistillationTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         ids = inputs["input_ids"]
+        if self._first_step_began is None:
+            self._first_step_began = time.monotonic()
         loss, parts, outputs = distillation_step(
             model, self.accelerator.unwrap_model(model), self.teacher, ids, self.settings, self.boundaries
         )
@@ -244,6 +248,10 @@ class DistillationTrainer(Trainer):
                 mean = self.accelerator.reduce(value / self._parts_count, reduction="mean")
                 logs[f"loss_{name}"] = round(float(mean), 6)
             self._parts, self._parts_count = {}, 0
+        # Seconds since the first step began, in every row: the log then shows where a short heal's time goes
+        # (the first steps' compilation against the steady rate).
+        if self._first_step_began is not None:
+            logs["elapsed_s"] = round(time.monotonic() - self._first_step_began, 2)
         super().log(logs, *args, **kwargs)
 
 

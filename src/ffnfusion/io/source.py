@@ -76,6 +76,15 @@ class ModelSource:
         config = self.folder / "config.json"
         return not self.gguf_file and config.is_file() and "block_configs" in json.loads(config.read_text())
 
+    def weights_folder(self) -> Path | None:
+        """The folder whose safetensors hold the weights: the model's own, or for a GGUF its dequantised copy in the
+        cache (None where there is none)."""
+        if not self.gguf_file:
+            return self.folder
+        from ffnfusion.io.gguf_cache import cached_weights_folder
+
+        return cached_weights_folder(self)
+
     def tensor_getter(
         self, dtype: torch.dtype | None = None, meta: bool = False, pin_memory: bool = False
     ) -> Callable[[str], torch.Tensor]:
@@ -84,12 +93,13 @@ class ModelSource:
         With meta=True the tensors are meta tensors (shape and dtype only); from safetensors only headers are read.
         pin_memory=True reads safetensors data into page-locked memory, for tensors headed to a GPU.
         """
-        files = sorted(self.folder.glob("*.safetensors")) if not self.gguf_file else []
+        folder = self.weights_folder()
+        files = sorted(folder.glob("*.safetensors")) if folder is not None else []
         if files:
             from ffnfusion.io.checkpoint import LazySafetensors
 
             if self._lazy is None:
-                self._lazy = LazySafetensors(self.folder)
+                self._lazy = LazySafetensors(folder)
             lazy = self._lazy
 
             def read(name: str) -> torch.Tensor:
@@ -306,11 +316,15 @@ def load_model(
     else:
         adapter_for(source.config())
     placement = {"device_map": "auto", "offload_folder": str(offload_folder)} if offload_folder is not None else {}
-    # A GGUF's config is parsed once (source.config); from_pretrained would parse the whole file's metadata again.
-    config = {"config": source.config()} if source.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        source.folder, dtype=parse_dtype(dtype), **placement, **config, **source.load_kwargs
-    )
+    folder, load_kwargs = source.folder, source.load_kwargs
+    if source.gguf_file:
+        # A GGUF's config is parsed once (source.config); from_pretrained would parse the whole file's metadata
+        # again. Its weights come from the dequantised copy in the cache where there is one.
+        load_kwargs = {**load_kwargs, "config": source.config()}
+        cached = source.weights_folder()
+        if cached is not None:
+            folder, load_kwargs = cached, {"config": load_kwargs["config"]}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype), **placement, **load_kwargs)
     return (model if placement else model.to(device)).eval()
 
 
@@ -334,23 +348,15 @@ def dispatched_loader(
 
 
 def export_transformers_folder(model: str | Path, folder: str | Path) -> Path:
-    """Write MODEL (e.g. a .gguf, dequantised to fp32) as a plain transformers folder; reused when it exists.
+    """Write MODEL (e.g. a .gguf, dequantised to fp32) as a plain transformers folder; reused when it exists."""
+    from ffnfusion.io.gguf_cache import dequantised_model
 
-    Later loads are then fast safetensors reads. GGUF-loaded models carry a quantizer and cannot save themselves,
-    so the weights are copied into a fresh model of the same class first.
-    """
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
     source = resolve_model(model)
-    loaded = load_model(source, torch.float32)
-    config = copy.deepcopy(loaded.config)
-    # The GGUF quantizer's settings would make transformers treat the saved fp32 weights as GGUF again.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = type(loaded)(config)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.save_pretrained(folder)
+    model = dequantised_model(source) if source.gguf_file else load_model(source)
+    model.save_pretrained(folder)
     tokenizer = source.tokenizer()
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
