@@ -85,3 +85,39 @@ def test_a_failed_copy_leaves_nothing(gguf, tmp_path, monkeypatch) -> None:
         load_model(str(gguf))
     root = tmp_path / "cache" / "gguf_weights"
     assert list(root.iterdir()) == []  # neither the key's folder nor the staging folder
+
+
+def test_config_and_tokenizer_come_from_the_copy_as_parsed(gguf, monkeypatch) -> None:
+    """A later process reads the GGUF's config and tokenizer from the copy, without parsing the file: the same
+    config (so every hash of it agrees with or without the cache) and a tokenizer that encodes alike."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import ffnfusion.io.source as source_module
+
+    source_module._parsed_from_gguf.cache_clear()
+    parsed = resolve_model(str(gguf))
+    want_config, want_tok = parsed.config(), parsed.tokenizer()
+    load_model(str(gguf))  # makes the copy
+    source_module._parsed_from_gguf.cache_clear()  # as in a new process
+    for auto in (AutoConfig, AutoTokenizer):
+        real = auto.from_pretrained.__func__
+
+        def no_gguf(cls, *args, _real=real, **kwargs):
+            assert "gguf_file" not in kwargs, "the GGUF was parsed again"
+            return _real(cls, *args, **kwargs)
+
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(no_gguf))
+    again = resolve_model(str(gguf))
+    config, tok = again.config(), again.tokenizer()
+    assert config.to_dict() == want_config.to_dict()
+    texts = ["The capital of France is", "tabs\tand ünïcode\n\n<|im_start|>user"]
+    assert tok(texts)["input_ids"] == want_tok(texts)["input_ids"]
+    chat = [{"role": "user", "content": "Name a prime."}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == want_tok.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+        want_tok.bos_token_id,
+        want_tok.eos_token_id,
+        want_tok.pad_token_id,
+    )

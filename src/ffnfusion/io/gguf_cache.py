@@ -1,25 +1,27 @@
-"""A GGUF's dequantised weights, kept as a safetensors folder in the cache.
+"""A GGUF's dequantised weights, kept as a safetensors folder in the cache, with its parsed config and tokenizer.
 
-transformers parses the whole GGUF (metadata, every tensor name) and dequantises it on every load: about 20 s for a
-135M model on a CPU core, paid again by each stage of a run and each process. The fp32 copy loads in about a second
-and holds the same values. Copies are keyed by the file's path, size and modification time (a replaced file gets a
-new one) and by the transformers version that dequantised it; models whose copy would pass GGUF_CACHE_MAX_BYTES,
-or every model when FFNFUSION_GGUF_CACHE=0, are read from the GGUF each time.
+transformers parses the whole GGUF (metadata, every tensor name) and dequantises it on every load: about 15 s for a
+135M model on a CPU core, paid again by each stage of a run, and another 11 s per process for the config and the
+tokenizer. The copy loads in a fraction of a second and holds the same values. Copies are keyed by the file's path,
+size and modification time (a replaced file gets a new one) and by the transformers version that dequantised it;
+models whose copy would pass GGUF_CACHE_MAX_BYTES, or every model when FFNFUSION_GGUF_CACHE=0, are read from the
+GGUF each time.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ffnfusion.io.cache import default_cache_dir
 
@@ -49,14 +51,40 @@ def dequantised_model(source: ModelSource, dtype: torch.dtype = torch.float32) -
     return fresh.eval()
 
 
+CONFIG_FILE, TOKENIZER_FOLDER = "gguf_config.json", "tokenizer"
+
+
+def _enabled() -> bool:
+    return os.environ.get("FFNFUSION_GGUF_CACHE", "1") != "0"
+
+
+def _folder(path: str, size: int, mtime_ns: int, cache_dir: str | Path | None = None) -> Path:
+    key = hashlib.sha256(f"{path}\0{size}\0{mtime_ns}\0{transformers.__version__}".encode()).hexdigest()[:32]
+    return Path(cache_dir or default_cache_dir()) / "gguf_weights" / key
+
+
+def cached_metadata(auto_class: Any, path: str, size: int, mtime_ns: int) -> Any | None:
+    """The GGUF's config (auto_class AutoConfig) or tokenizer (AutoTokenizer) as parsed when its copy was made, or
+    None when there is no copy yet. The config is kept as parsed (not the saved model's config.json, which names
+    another folder and a dtype), so whatever hashes it sees the same config with the cache or without."""
+    if not _enabled():
+        return None
+    folder = _folder(path, size, mtime_ns)
+    if auto_class is AutoConfig and (folder / CONFIG_FILE).is_file():
+        parsed = json.loads((folder / CONFIG_FILE).read_text())
+        return CONFIG_MAPPING[parsed["model_type"]].from_dict(parsed)
+    if auto_class is AutoTokenizer and (folder / TOKENIZER_FOLDER).is_dir():
+        return AutoTokenizer.from_pretrained(folder / TOKENIZER_FOLDER)
+    return None
+
+
 def cached_weights_folder(source: ModelSource, cache_dir: str | Path | None = None) -> Path | None:
     """The folder holding SOURCE's dequantised weights (made on first use), or None where the cache does not apply."""
-    if not source.gguf_file or os.environ.get("FFNFUSION_GGUF_CACHE", "1") == "0":
+    if not source.gguf_file or not _enabled():
         return None
     path, size, mtime_ns = source._gguf_identity()
-    key = hashlib.sha256(f"{path}\0{size}\0{mtime_ns}\0{transformers.__version__}".encode()).hexdigest()[:32]
-    root = Path(cache_dir or default_cache_dir()) / "gguf_weights"
-    folder = root / key
+    folder = _folder(path, size, mtime_ns, cache_dir)
+    root, key = folder.parent, folder.name
     if (folder / "config.json").is_file():
         return folder
     with torch.device("meta"):
@@ -70,6 +98,10 @@ def cached_weights_folder(source: ModelSource, cache_dir: str | Path | None = No
     try:
         model = dequantised_model(source)
         model.save_pretrained(staging)
+        (staging / CONFIG_FILE).write_text(source.config().to_json_string(use_diff=False))
+        tokenizer = source.tokenizer()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging / TOKENIZER_FOLDER)
         (staging / "SOURCE.txt").write_text(f"dequantised from {path} ({size} bytes, mtime_ns {mtime_ns})\n")
         del model
         try:

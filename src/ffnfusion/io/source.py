@@ -124,7 +124,13 @@ class ModelSource:
 def _parsed_from_gguf(auto_class: Any, path: str, size: int, mtime_ns: int) -> Any:
     """A GGUF file's config or tokenizer, parsed once per process: transformers reads every metadata field (the
     whole vocabulary) for each, seconds per call, and the stages of a run open the same file again and again.
-    Keyed by the file's size and modification time, so a replaced file is read afresh; callers get copies."""
+    Keyed by the file's size and modification time, so a replaced file is read afresh; callers get copies. Where the
+    file's dequantised copy is cached (io.gguf_cache), the config and tokenizer parsed then are read from it."""
+    from ffnfusion.io.gguf_cache import cached_metadata
+
+    cached = cached_metadata(auto_class, path, size, mtime_ns)
+    if cached is not None:
+        return cached
     return auto_class.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
 
 
