@@ -91,18 +91,19 @@ def cached_weights_folder(source: ModelSource, cache_dir: str | Path | None = No
         parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(source.config()).parameters())
     if parameters * 4 > GGUF_CACHE_MAX_BYTES:
         return None
-    root.mkdir(parents=True, exist_ok=True)
-    # Written beside its final place and renamed when complete, so a crash or a second process writing the same
-    # copy at once never leaves a half-written folder under the key.
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # Written beside its final place and renamed when complete, so a crash or a second process writing the
+        # same copy at once never leaves a half-written folder under the key.
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    except OSError:  # an unwritable cache only costs speed: read the GGUF directly
+        return None
     try:
         model = dequantised_model(source)
-        model.save_pretrained(staging)
-        (staging / CONFIG_FILE).write_text(source.config().to_json_string(use_diff=False))
-        tokenizer = source.tokenizer()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging / TOKENIZER_FOLDER)
-        (staging / "SOURCE.txt").write_text(f"dequantised from {path} ({size} bytes, mtime_ns {mtime_ns})\n")
+        try:
+            _write_copy(model, source, staging, f"dequantised from {path} ({size} bytes, mtime_ns {mtime_ns})\n")
+        except OSError:  # e.g. a full disk, as above
+            return None
         del model
         try:
             staging.rename(folder)
@@ -112,3 +113,12 @@ def cached_weights_folder(source: ModelSource, cache_dir: str | Path | None = No
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _write_copy(model: torch.nn.Module, source: ModelSource, folder: Path, provenance: str) -> None:
+    model.save_pretrained(folder)
+    (folder / CONFIG_FILE).write_text(source.config().to_json_string(use_diff=False))
+    tokenizer = source.tokenizer()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder / TOKENIZER_FOLDER)
+    (folder / "SOURCE.txt").write_text(provenance)
