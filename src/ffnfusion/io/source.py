@@ -322,14 +322,15 @@ def load_model(
     else:
         adapter_for(source.config())
     placement = {"device_map": "auto", "offload_folder": str(offload_folder)} if offload_folder is not None else {}
-    folder, load_kwargs = source.folder, source.load_kwargs
+    folder, load_kwargs = source.folder, dict(source.load_kwargs)
     if source.gguf_file:
         # A GGUF's config is parsed once (source.config); from_pretrained would parse the whole file's metadata
         # again. Its weights come from the dequantised copy in the cache where there is one.
-        load_kwargs = {**load_kwargs, "config": source.config()}
+        load_kwargs["config"] = source.config()
         cached = source.weights_folder()
         if cached is not None:
-            folder, load_kwargs = cached, {"config": load_kwargs["config"]}
+            folder = cached
+            del load_kwargs["gguf_file"]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype), **placement, **load_kwargs)
     return (model if placement else model.to(device)).eval()
 
