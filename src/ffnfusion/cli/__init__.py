@@ -7,6 +7,7 @@ at once.
 
 from ffnfusion.cli import analyze as _analyze_verb
 from ffnfusion.cli import bench as _bench_verb
+from ffnfusion.cli import cache as _cache_verb
 from ffnfusion.cli import eval as _eval_verb
 from ffnfusion.cli import export as _export_verb
 from ffnfusion.cli import fuse as _fuse_verb
@@ -27,10 +28,11 @@ bench = app.command()(_bench_verb.bench)
 run_ = app.command("run")(_pipeline_verb.run_)
 report = app.command()(_pipeline_verb.report)
 export = app.command()(_export_verb.export)
+cache = app.command()(_cache_verb.cache)
 
 __all__ = [
-    "USER_ERRORS", "analyze", "app", "bench", "console", "describe_error", "err_console", "eval_", "export", "fail",
-    "fuse", "generate", "heal", "main", "plan_", "report", "run_",
+    "USER_ERRORS", "analyze", "app", "bench", "cache", "console", "describe_error", "err_console", "eval_", "export",
+    "fail", "fuse", "generate", "heal", "main", "plan_", "report", "run_",
 ]  # fmt: skip
 
 
