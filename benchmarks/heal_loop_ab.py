@@ -30,13 +30,11 @@ from typing import Any
 
 import torch
 
-from ffnfusion.formats.plan import Plan
 from ffnfusion.fuse import fuse
 from ffnfusion.heal import stage as heal_stage
 from ffnfusion.heal.settings import HealSettings
+from heal_speed import PLANS  # this folder's heal_speed.py: its SmolLM2 plan has no parallel blocks
 
-# heal_speed.py's SmolLM2 plan: 30 layers -> 50 sequential sub-blocks, no parallel blocks.
-SERIAL_PLAN = Plan(remove_attention=list(range(16, 21)), fuse_ffn=[list(range(15, 21))])
 VARIANTS = ("product", "no-progress", "in-memory", "random-tokens", "serial-student")
 
 
@@ -62,7 +60,7 @@ def training_rows(kind: str):
 
 def serial_student(teacher: str, folder: Path) -> Path:
     """heal_speed.py's SmolLM2 student, fused from the real teacher by the product's `fuse`."""
-    fuse(teacher, SERIAL_PLAN, folder)
+    fuse(teacher, PLANS["smollm2-135m"], folder)
     return folder
 
 
