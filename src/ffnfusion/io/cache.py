@@ -31,13 +31,7 @@ class CacheUsage:
 def cache_usage(cache_dir: Path | None = None) -> list[CacheUsage]:
     """Entries and bytes of every kind, in CACHE_KINDS order (zero for a kind with no folder)."""
     root = Path(cache_dir or default_cache_dir())
-    usage = []
-    for kind in CACHE_KINDS:
-        folder = root / kind
-        entries = list(folder.iterdir()) if folder.is_dir() else []
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if entries else 0
-        usage.append(CacheUsage(kind, len(entries), size))
-    return usage
+    return [_usage(root, kind) for kind in CACHE_KINDS]
 
 
 def clear_cache(kinds: list[str], cache_dir: Path | None = None) -> int:
@@ -48,8 +42,16 @@ def clear_cache(kinds: list[str], cache_dir: Path | None = None) -> int:
         raise ValueError(f"unknown cache kinds {unknown}; known: {', '.join(CACHE_KINDS)} (or all)")
     root = Path(cache_dir or default_cache_dir())
     freed = 0
-    for usage in cache_usage(root):
-        if usage.kind in kinds and (root / usage.kind).is_dir():
-            shutil.rmtree(root / usage.kind)
-            freed += usage.bytes
+    for kind in dict.fromkeys(kinds):  # each once, in the order given
+        if (root / kind).is_dir():
+            freed += _usage(root, kind).bytes
+            shutil.rmtree(root / kind)
     return freed
+
+
+def _usage(root: Path, kind: str) -> CacheUsage:
+    folder = root / kind
+    if not folder.is_dir():
+        return CacheUsage(kind, 0, 0)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return CacheUsage(kind, sum(1 for _ in folder.iterdir()), size)

@@ -33,20 +33,20 @@ if TYPE_CHECKING:
 GGUF_CACHE_MAX_BYTES = 8 * 2**30
 
 
-def dequantised_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """SOURCE's GGUF loaded through transformers as a plain model that can save itself.
+def dequantised_model(source: ModelSource) -> torch.nn.Module:
+    """SOURCE's GGUF loaded through transformers (fp32) as a plain model that can save itself.
 
     GGUF-loaded models carry a quantizer and cannot `save_pretrained`, so the weights are copied into a fresh model
     of the same class, with the quantizer's settings dropped from the config (else transformers would read the saved
     weights as GGUF again).
     """
     loaded = AutoModelForCausalLM.from_pretrained(
-        source.folder, dtype=dtype, config=source.config(), **source.load_kwargs
+        source.folder, dtype=torch.float32, config=source.config(), **source.load_kwargs
     )
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    fresh = type(loaded)(config).to(dtype)
+    fresh = type(loaded)(config)
     fresh.load_state_dict(loaded.state_dict())
     return fresh.eval()
 
@@ -58,9 +58,9 @@ def _enabled() -> bool:
     return os.environ.get("FFNFUSION_GGUF_CACHE", "1") != "0"
 
 
-def _folder(path: str, size: int, mtime_ns: int, cache_dir: str | Path | None = None) -> Path:
+def _folder(path: str, size: int, mtime_ns: int) -> Path:
     key = hashlib.sha256(f"{path}\0{size}\0{mtime_ns}\0{transformers.__version__}".encode()).hexdigest()[:32]
-    return Path(cache_dir or default_cache_dir()) / "gguf_weights" / key
+    return default_cache_dir() / "gguf_weights" / key
 
 
 def cached_metadata(auto_class: Any, path: str, size: int, mtime_ns: int) -> Any | None:
@@ -78,12 +78,12 @@ def cached_metadata(auto_class: Any, path: str, size: int, mtime_ns: int) -> Any
     return None
 
 
-def cached_weights_folder(source: ModelSource, cache_dir: str | Path | None = None) -> Path | None:
+def cached_weights_folder(source: ModelSource) -> Path | None:
     """The folder holding SOURCE's dequantised weights (made on first use), or None where the cache does not apply."""
     if not source.gguf_file or not _enabled():
         return None
     path, size, mtime_ns = source._gguf_identity()
-    folder = _folder(path, size, mtime_ns, cache_dir)
+    folder = _folder(path, size, mtime_ns)
     root, key = folder.parent, folder.name
     if (folder / "config.json").is_file():
         return folder
