@@ -342,7 +342,6 @@ def main() -> None:
     global DEVICE
     DEVICE = a.device
 
-    torch.backends.cuda.matmul.allow_tf32 = True
     teacher = random_model(a.shape, a.layers, torch.bfloat16, DEVICE).requires_grad_(False)
     plan = PLANS.get(a.shape) if a.layers is None else None
     plan = plan or default_plan(teacher.config.num_hidden_layers)

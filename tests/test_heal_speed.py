@@ -192,3 +192,18 @@ def test_auto_batch_size_says_what_to_change_when_one_sequence_does_not_fit(monk
     fake = _FakeCudaMemory(monkeypatch, 100 * GIB, 10 * GIB, 400 * 2**20, oom_from=1)
     with pytest.raises(ValueError, match="--gradient-checkpointing"):
         auto_batch_size(fake.step, 512, torch.device("cuda"), fixed_bytes=GIB, upper=4096)
+
+
+def test_heal_runs_the_loss_head_products_in_the_mixed_precision_dtype(setup, monkeypatch) -> None:  # noqa: F811
+    """Accelerate autocasts only the student's forward; the loss outside it ran its head products in fp32 (slow)."""
+    seen: list[torch.dtype] = []
+    original = distill_loss._autocast_dtype
+
+    def spy(device: torch.device, fallback: torch.dtype) -> torch.dtype:
+        seen.append(original(device, fallback))
+        return seen[-1]
+
+    monkeypatch.setattr(distill_loss, "_autocast_dtype", spy)
+    settings = HealSettings(data=[str(setup["text"])], seq_len=32, batch_size=2, max_steps=2, lr=1e-3, bf16=True)
+    heal(setup["student"], setup["teacher"], setup["root"] / "bf16", settings, progress=False)
+    assert seen == [torch.bfloat16, torch.bfloat16]
