@@ -2,7 +2,11 @@
 corpus, with one difference at a time turned off, all in one process on one GPU.
 
 On the H200, `ffnfusion heal` ran at 96,100 tokens/s steady (0.682 s per 128 x 512 step, from heal_log.jsonl's
-elapsed_s), while `heal_speed.py --variants product` ran at 146,315 at the same micro-batch. The variants:
+elapsed_s), while `heal_speed.py --variants product` ran at 146,315 at the same micro-batch. On an H100 this script
+measured product 88,323, no-progress 88,205, in-memory 88,562 and serial-student 86,232 tokens/s: none of these was
+the cause. The cause was the loss running outside autocast, its head products in fp32 (fixed in
+`DistillationTrainer.compute_loss`; benchmarks/RESULTS.md, "Healing at 1.75x"). The script stays as the way to
+compare the product loop against one change at a time. The variants:
 
 - product: `heal()` as `ffnfusion heal` calls it (rich progress bar, corpus rows read from the memory-mapped shards).
 - no-progress: without the progress bar (its refresh thread takes the GIL 10 times a second).
