@@ -126,6 +126,11 @@ def row(folder: Path) -> dict:
         "sub_blocks": info["predicted"]["sequential_sub_blocks"]["plan"],
         "original_sub_blocks": info["predicted"]["sequential_sub_blocks"]["original"],
         "predicted_kl": info.get("predicted_kl"),
+        "recipes": {
+            c["recipe"]: c["predicted_kl"]
+            for c in (info.get("recipes") or {}).get("candidates", [])
+            if c.get("reached_target") and c.get("predicted_kl_is") == "measured"
+        },
         "plan": {k: plan[k] for k in ("remove_attention", "remove_ffn", "fuse_ffn", "parallel_blocks")},
         "original": _quality(models["original"]),
         "before_heal": _quality(models["fused"]),
@@ -140,7 +145,7 @@ def row(folder: Path) -> dict:
     if bench_file.is_file():
         bench = json.loads(bench_file.read_text())["models"]
         out["decode_ms"] = {
-            name: {r["batch"]: r["decode_ms_per_token"] for r in m["runs"]}
+            name: {str(r["batch"]): r["decode_ms_per_token"] for r in m["runs"]}
             for name, m in zip(("original", "fused"), bench, strict=True)
         }
     return out
@@ -155,6 +160,7 @@ def _quality(model: dict) -> dict:
         "kl": fid.get("kl"),
         "top1": fid.get("top1"),
         "task_mean": sum(accs) / len(accs) if accs else None,
+        "tasks": {name: t.get("acc") for name, t in tasks.items()},
     }
 
 
@@ -162,63 +168,106 @@ def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
 def write_table(rows: list[dict], work: Path) -> str:
+    """frontier.md: the healed variants (the original's latency is the median over the runs that measured it),
+    then every recipe's KL before healing at each depth, as `plan` measured it when choosing."""
     batches = sorted({b for r in rows for b in (r.get("decode_ms") or {}).get("fused", {})}, key=int)
     lines = [
         "| variant | sub-blocks | PPL | KL | top-1 | task mean | PPL before heal | KL before heal |"
-        + "".join(f" ms/token b{b} (original) |" for b in batches),
+        + "".join(f" ms/token b{b} |" for b in batches),
         "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(batches),
     ]
     original = rows[0]["original"]
+    original_ms = [
+        _median([ms for r in rows if (ms := (r.get("decode_ms") or {}).get("original", {}).get(b)) is not None])
+        for b in batches
+    ]
     lines.append(
         f"| original | {rows[0]['original_sub_blocks']} | {_cell(original['ppl'], '.2f')} | 0 | 1 "
-        f"| {_cell(original['task_mean'], '.3f')} | | |" + " |" * len(batches)
+        f"| {_cell(original['task_mean'], '.3f')} | | |" + "".join(f" {_cell(ms, '.3f')} |" for ms in original_ms)
     )
     for r in rows:
         q, b = r["healed"] or r["before_heal"], r["before_heal"]
-        ms = r.get("decode_ms") or {}
-        lat = [
-            f"{_cell(ms.get('fused', {}).get(k), '.3f')} ({_cell(ms.get('original', {}).get(k), '.3f')})"
-            for k in batches
-        ]
+        ms = (r.get("decode_ms") or {}).get("fused", {})
         lines.append(
             f"| {r['variant']} ({r['recipe']}) | {r['sub_blocks']} | {_cell(q['ppl'], '.2f')} "
             f"| {_cell(q['kl'], '.4f')} | {_cell(q['top1'], '.3f')} | {_cell(q['task_mean'], '.3f')} "
-            f"| {_cell(b['ppl'], '.2f')} | {_cell(b['kl'], '.4f')} |" + "".join(f" {cell} |" for cell in lat)
+            f"| {_cell(b['ppl'], '.2f')} | {_cell(b['kl'], '.4f')} |"
+            + "".join(f" {_cell(ms.get(k), '.3f')} |" for k in batches)
         )
     heals = sorted({json.dumps(r["heal"], sort_keys=True) for r in rows if r.get("heal")})
     lines += [""] + [f"heal: {', '.join(f'{k} {v}' for k, v in json.loads(h).items())}" for h in heals]
+    lines += ["", *recipe_table(rows)]
     table = "\n".join(lines) + "\n"
     (work / "frontier.md").write_text(table)
     (work / "frontier.json").write_text(json.dumps(rows, indent=2) + "\n")
     return table
 
 
+def recipe_table(rows: list[dict]) -> list[str]:
+    """KL of every recipe before healing, one row per depth (from the plans that measured them all)."""
+    by_depth = {r["sub_blocks"]: r["recipes"] for r in rows if r.get("recipes")}
+    names = sorted({name for recipes in by_depth.values() for name in recipes})
+    if not by_depth:
+        return []
+    lines = [
+        "KL before healing of every recipe, as `plan` measured it (- : cannot reach the depth):",
+        "",
+        "| sub-blocks |" + "".join(f" {name} |" for name in names),
+        "|---:|" + "---:|" * len(names),
+    ]
+    for d in sorted(by_depth, reverse=True):
+        lines.append(f"| {d} |" + "".join(f" {_cell(by_depth[d].get(name), '.4f')} |" for name in names))
+    return lines
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity after healing against depth, and against measured batch-1 decode latency (where it was
+    measured): equal depth is not equal speed, since a dropped layer also drops its FFN."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    original = rows[0]["original"]["ppl"]
+    original_ms = _median([(r.get("decode_ms") or {}).get("original", {}).get("1") for r in rows if r.get("decode_ms")])
     for recipe in sorted({r["recipe"] for r in rows}):
         mine = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["sub_blocks"])
-        points = [(r["sub_blocks"], (r["healed"] or r["before_heal"])["ppl"]) for r in mine]
-        ax.plot(*zip(*points, strict=True), marker="o", label=recipe)
-    original = f"original ({rows[0]['original_sub_blocks']})"
-    ax.axhline(rows[0]["original"]["ppl"], color="grey", linestyle="--", label=original)
-    ax.set_xlabel("sequential sub-blocks")
-    ax.set_ylabel("perplexity after healing")
-    ax.legend()
+        ppl = [(r["healed"] or r["before_heal"])["ppl"] for r in mine]
+        axes[0].plot([r["sub_blocks"] for r in mine], ppl, marker="o", label=recipe)
+        timed = [(r["decode_ms"]["fused"]["1"], p) for r, p in zip(mine, ppl, strict=True) if _has_b1(r)]
+        if timed:
+            axes[1].plot(*zip(*timed, strict=True), marker="o", label=recipe)
+    axes[0].axhline(original, color="grey", linestyle="--", linewidth=0.8)
+    axes[0].plot([rows[0]["original_sub_blocks"]], [original], marker="*", markersize=12, color="grey", linestyle="")
+    axes[0].set_xticks(sorted({r["sub_blocks"] for r in rows} | {rows[0]["original_sub_blocks"]}))
+    axes[0].set_xlabel("sequential sub-blocks")
+    if original_ms is not None:
+        axes[1].plot([original_ms], [original], marker="*", markersize=12, color="grey", linestyle="")
+    axes[1].set_xlabel("decode ms/token, batch 1 (measured)")
+    for ax in axes:
+        ax.plot([], [], marker="*", markersize=12, color="grey", linestyle="", label="original")
+        ax.set_ylabel("perplexity after healing")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _has_b1(r: dict) -> bool:
+    return (r.get("decode_ms") or {}).get("fused", {}).get("1") is not None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--eval-data", required=True, help="perplexity text; never trained on")
+    p.add_argument("--model")
+    p.add_argument("--eval-data", help="perplexity text; never trained on")
     p.add_argument(
         "--data", default="self", help="calibration and healing text of every variant: self, or a file / corpus"
     )
@@ -245,12 +294,22 @@ def main() -> None:
         default=1,
         help="variants planned and fused at once (heal, eval and bench run one variant at a time)",
     )
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="run nothing: rebuild the table and plot from the variant folders under --work that finished",
+    )
     args = p.parse_args()
-    folders = prepare(args)
-    finished = measure(args, folders)
+    if not args.table_only and not (args.model and args.eval_data):
+        p.error("--model and --eval-data are required (unless --table-only)")
+    if args.table_only:
+        finished = sorted(f for f in Path(args.work).glob("d*-*") if (f / "eval.json").is_file())
+    else:
+        finished = measure(args, prepare(args))
     if not finished:
         raise SystemExit("no variant finished; see the logs in the work folder")
-    rows = [row(f) for f in finished]
+    # Deepest first, then by recipe: the table reads as a frontier whatever order the variants ran in.
+    rows = sorted((row(f) for f in finished), key=lambda r: (-r["sub_blocks"], r["recipe"]))
     print(write_table(rows, Path(args.work)))
     plot(rows, Path(args.work) / "frontier.png")
 
