@@ -12,7 +12,8 @@ can be inspected, reported or resumed like any run, and the script itself resume
 are skipped. Healing text is `self` by default (the model writes it; one corpus, cached, shared by every variant),
 or the one `--data` (a `ffnfusion generate` corpus, say) for all, never the evaluation text. With --jobs N the plan
 and fuse stages of N variants run at once; heal, eval and bench then run variant by variant, alone, so each heal has
-the whole GPU and latencies are not disturbed.
+the whole GPU and latencies are not disturbed. `--table-only` runs nothing and rebuilds the table and plot from the
+variants under --work that finished (say, results brought back from a GPU machine).
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ def test_default_budget_is_sized_to_the_model_and_writes_a_corpus_of_that_size(s
     assert options["self_samples"] * 512 >= options["tokens"] > (options["self_samples"] - 1) * 512
     given = _run(model, tmp_path, heal={"tokens": 4096, "seq_len": 32})
     assert given.heal_options()["tokens"] == 4096 and given.heal_options()["self_samples"] == 128
+    twice = _run(model, tmp_path, heal={"tokens": 4096, "seq_len": 32, "max_epochs": 2})
+    assert twice.heal_options()["self_samples"] == 64  # half the corpus, seen twice
     capped = _run(model, tmp_path, heal={"minutes": 2})  # a time cap keeps the sized budget
     assert capped.heal_options()["tokens"] == HEAL_TOKENS_MIN and capped.heal_options()["minutes"] == 2
     from_file = _run(model, tmp_path, data="train.txt", heal={"tokens": 4096})

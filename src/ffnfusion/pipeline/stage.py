@@ -175,8 +175,10 @@ class Run:
         if not HEAL_SIZE_KEYS & cfg.heal.keys():
             options["tokens"] = self.default_heal_tokens()
         if options.get("tokens") and "self" in options["data"] and "self_samples" not in cfg.heal:
-            # One epoch over a corpus the teacher writes for this budget: no sequence is seen twice.
-            options["self_samples"] = -(-options["tokens"] // options.get("seq_len", 512))
+            # A corpus the teacher writes for this budget, seen max_epochs times (default once: no sequence twice).
+            # Writing a token costs about as much as training on it, so epochs > 1 buy training tokens cheaply.
+            per_epoch = -(-options["tokens"] // max(1, int(options.get("max_epochs", 1))))
+            options["self_samples"] = -(-per_epoch // options.get("seq_len", 512))
         return options
 
     # ---- the stages: thin calls of each stage's own function --------------------------------------------------
