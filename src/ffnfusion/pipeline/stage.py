@@ -98,7 +98,9 @@ class Run:
         if "heal" in will_run and not HEAL_SIZE_KEYS & self.config.heal.keys():
             options = self.heal_options()
             samples = options.get("self_samples")
+            epochs = int(options.get("max_epochs", 1))
             corpus = f", on {samples:,} sequences the teacher writes" if samples else ""
+            corpus += f", each seen up to {epochs} times" if samples and epochs > 1 else ""
             self.log(
                 f"[heal] budget: {options['tokens']:,} training tokens ({HEAL_TOKENS_PER_PARAMETER} per parameter)"
                 f"{corpus}; set heal: {{tokens: N}} or {{minutes: M}} to change it"
