@@ -47,9 +47,9 @@ def variant_config(args: argparse.Namespace, depth: int, recipe: str) -> dict:
     for option in args.heal or []:
         key, _, value = option.partition("=")
         config["heal"][key.strip().replace("-", "_")] = _option_value(value.strip())
-    config["eval"] = {}
+    config["eval"] = {"batch_size": args.eval_batch_size}
     if args.tasks and (not args.task_depths or depth in {int(d) for d in args.task_depths.split(",")}):
-        config["eval"] = {"tasks": args.tasks.split(","), "task_data_dir": str(Path(args.task_data_dir).resolve())}
+        config["eval"] |= {"tasks": args.tasks.split(","), "task_data_dir": str(Path(args.task_data_dir).resolve())}
         if args.limit:
             config["eval"]["limit"] = args.limit
     config["bench"] = {"batch_sizes": [int(b) for b in args.batch_sizes.split(",")]}
@@ -286,7 +286,13 @@ def main() -> None:
     p.add_argument("--task-data-dir")
     p.add_argument("--limit", type=int)
     p.add_argument("--task-depths", help="run --tasks only at these depths (comma-separated; default: all)")
-    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--batch-sizes", default="1,32", help="decode batch sizes to bench")
+    p.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=64,
+        help="sequences per forward pass in eval (perplexity windows and task requests; eval's own default is 8)",
+    )
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
