@@ -178,6 +178,22 @@ def test_run_compares_recipes_at_a_target_depth(analysed: Path, tmp_path: Path) 
     assert any("recipe layer-drop" in m for m in messages)
 
 
+def test_cli_and_run_take_the_engines_to_serve_with(analysed: Path, tmp_path: Path) -> None:
+    from ffnfusion.pipeline import RunConfigError, run
+
+    base = ["plan", str(analysed / "analysis"), "--out", str(tmp_path / "p.json"), "--target-depth", "9"]
+    served = CliRunner().invoke(app, [*base, "--engines", "vllm,llama.cpp"])
+    assert served.exit_code == 0, served.output
+    plan = Plan.load(tmp_path / "p.json")
+    assert not plan.parallel_blocks and plan.info["recipes"]["engines"] == ["llama.cpp", "vLLM"]
+    bad = CliRunner().invoke(app, [*base, "--engines", "vlm", "--overwrite"])
+    assert bad.exit_code == 2 and "unknown engine(s) vlm" in bad.output
+    # run refuses an unknown engine before its first stage, not after the analysis.
+    with pytest.raises(RunConfigError, match="plan.engines: unknown engine"):
+        run(str(analysed / "model"), tmp_path / "out", plan={"target_depth": 9, "engines": ["vlm"]})
+    assert not (tmp_path / "out").exists()
+
+
 def _bench(models: list[tuple[int, float, float]], bandwidth: float | None = 1000.0) -> dict:
     """A bench.json with (sequential sub-blocks, decode ms, floor ms) per model at batch 1."""
     out: dict = {"format": "ffnfusion-bench", "version": 1, "dtype": "bfloat16", "models": []}
@@ -209,3 +225,52 @@ def test_bench_json_as_cost_model(tmp_path: Path) -> None:
     path.write_text(json.dumps({"format": "ffnfusion-bench", "models": []}))
     with pytest.raises(ValueError, match="without decode latencies"):
         CostModel.load(path, a)
+
+
+def test_engines_leave_out_the_recipes_they_cannot_load() -> None:
+    a = fake_analysis(8, KL)
+    free = compare_recipes(a, 11)
+    assert free.chosen.name == "parallel"  # lowest KL here, but only transformers loads block-parallel groups
+    warning = free.result.plan.info["warnings"][0]
+    portable = [r for r in free.recipes if r.name in ("attention", "fusion", "layer-drop")]
+    best_portable = min(portable, key=lambda r: r.kl)
+    assert "vLLM" in warning and "llama.cpp" in warning
+    assert f"{best_portable.name} (KL {best_portable.kl:.4f})" in warning
+    by = {r["recipe"]: r for r in free.result.plan.info["recipes"]["candidates"]}
+    assert set(by["parallel"]["not_loaded_by"]) == {"llama.cpp", "vLLM", "SGLang", "TensorRT-LLM"}
+    assert by["fusion"]["not_loaded_by"] == {}
+
+    served = compare_recipes(a, 11, engines=["vLLM"])
+    assert served.chosen.name == best_portable.name and served.chosen.kl == best_portable.kl
+    assert not served.chosen.plan.parallel_blocks and served.result.depth_after == 11
+    assert "that vLLM can load" in served.why and served.result.plan.info["recipes"]["engines"] == ["vLLM"]
+    assert not any("cannot load" in w for w in served.result.warnings)
+    parallel = next(r for r in served.recipes if r.name == "parallel")
+    assert parallel.kl_is == "not built" and "vLLM cannot load it" in parallel.note
+    # transformers alone constrains nothing.
+    assert compare_recipes(a, 11, engines=["transformers"]).chosen.name == "parallel"
+    with pytest.raises(ValueError, match="cannot be built here"):
+        compare_recipes(a, 11, recipe="parallel", engines=["vLLM"])
+
+
+def test_engine_names_and_conflicts_are_refused_with_the_choices() -> None:
+    from ffnfusion.formats.engines import ENGINES, engine_names
+    from ffnfusion.plan.settings import PlanSettings
+    from ffnfusion.plan.stage import choose_plan
+
+    assert engine_names(["VLLM", " llama.cpp", "trt-llm"]) == ["llama.cpp", "vLLM", "TensorRT-LLM"]
+    assert engine_names(["all"]) == list(ENGINES)
+    with pytest.raises(ValueError, match="unknown engine.*vllm2.*choose from"):
+        engine_names(["vllm2"])
+    a = fake_analysis(8, KL)
+    with pytest.raises(ValueError, match="parallel-threshold makes block-parallel groups, which vLLM cannot load"):
+        choose_plan(a, PlanSettings(remove_attention=2, parallel_threshold=0.5, engines=["vllm"]))
+    chosen, comparison = choose_plan(a, PlanSettings(target_depth=11, engines=["sglang"]))
+    assert comparison is not None and comparison.chosen.name != "parallel" and not chosen.plan.parallel_blocks
+
+
+def test_a_layer_drop_with_attention_kept_is_not_for_llama_cpp() -> None:
+    from ffnfusion.formats.engines import plan_limits
+
+    assert plan_limits(Plan(remove_attention=[1, 2], remove_ffn=[1, 2])) == {}  # whole layers dropped
+    assert set(plan_limits(Plan(remove_ffn=[3]))) == {"llama.cpp"}  # attention 3 kept without its FFN

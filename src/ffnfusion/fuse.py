@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ffnfusion.adapters import adapter_for
+from ffnfusion.formats.engines import ATTENTION_WITHOUT_FFN, ENGINE_EVIDENCE, ENGINES, PARALLEL_GROUPS
 from ffnfusion.formats.plan import ENGINE_WIDTH_MULTIPLE, Plan, check_plan_model, plan_blocks, sequential_sub_blocks
 from ffnfusion.formats.settings import settings_from
 from ffnfusion.fuse_settings import FuseSettings
@@ -16,19 +17,6 @@ from ffnfusion.io.output import check_output_dir
 from ffnfusion.io.source import ModelSource, ModelSourceError, resolve_model
 from ffnfusion.modeling.modeling_decilm import block_ffn_width
 from ffnfusion.surgery import fused_config, fused_tensors
-
-ENGINES = ("transformers", "llama.cpp", "vLLM", "SGLang", "TensorRT-LLM")
-
-# How each engine's verdict is known. "verified": the checkpoint was run in the engine and compared with the
-# reference; "inferred": read in the engine's DeciLM / nemotron-nas model code, never run by this project.
-ENGINE_EVIDENCE = {
-    "transformers": "verified: ffnfusion's tests generate with dynamic and static caches, compiled, eager and sdpa",
-    "llama.cpp": "verified end to end for no-op attention + wide FFNs: converted with its own converter, reference"
-    " perplexity",
-    "vLLM": "inferred from vllm/model_executor/models/nemotron_nas.py, not run; needs --trust-remote-code",
-    "SGLang": "inferred from sglang/srt/models/nemotron_nas.py, not run; needs --trust-remote-code",
-    "TensorRT-LLM": "inferred from tensorrt_llm/_torch/models/modeling_nemotron_nas.py, not run",
-}
 
 
 @dataclass
@@ -80,7 +68,7 @@ def engine_support(config: dict[str, Any]) -> dict[str, str]:
             reasons[e].append(reason)
 
     if any((b.get("parallel_blocks") or 1) > 1 for b in blocks):
-        add(ENGINES[1:], "block-parallel groups are an ffnfusion extension")
+        add(ENGINES[1:], PARALLEL_GROUPS)
     if config.get("qk_norm"):
         add(ENGINES[1:], "q/k norms (Qwen3) are an ffnfusion extension")
     widths = {block_ffn_width(b, hidden) for b in blocks if not b["ffn"]["no_op"]}
@@ -93,7 +81,7 @@ def engine_support(config: dict[str, Any]) -> dict[str, str]:
     if config.get("mlp_bias"):
         add(("llama.cpp", "SGLang", "TensorRT-LLM"), "MLP biases are not loaded by its DeciLM model")
     if any(not b["attention"]["no_op"] and b["ffn"]["no_op"] for b in blocks):
-        add(("llama.cpp",), "a block with attention but no FFN loses its attention output there")
+        add(("llama.cpp",), ATTENTION_WITHOUT_FFN)
     if config["head_dim"] * config["num_attention_heads"] != hidden:
         add(("llama.cpp",), "head_dim != hidden_size / num_attention_heads")
     out = {"transformers": f"yes: import ffnfusion, or trust_remote_code=True ({ENGINE_EVIDENCE['transformers']})"}

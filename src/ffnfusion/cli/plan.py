@@ -14,7 +14,10 @@ from ffnfusion.cli.options import CliForm, settings_options
 from ffnfusion.plan.settings import PlanSettings
 
 
-@settings_options(costs=CliForm(type=Path | None))
+@settings_options(
+    costs=CliForm(type=Path | None),
+    engines=CliForm(type=str | None, convert=lambda names: [n for n in (names or "").split(",") if n.strip()] or None),
+)
 def plan_(
     analysis: Annotated[Path, typer.Argument(help="analysis.json (or the folder holding it) from `ffnfusion analyze`")],
     out: Annotated[Path, typer.Option(help="plan.json to write")],
@@ -96,7 +99,7 @@ def print_plan(result: Any, model_name: str, out: Path) -> None:
     table.add_row("cost model", latency["cost_model"]["source"])
     console.print(table)
     for warning in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}")
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 def recipe_table(comparison: Any, target_depth: int) -> Table:

@@ -216,6 +216,8 @@ class Run:
         result, comparison = choose_plan(analysis, s, cost_model, rescore, measure)
         if comparison is not None:
             self.log(f"plan: recipe {comparison.chosen.name} ({comparison.why})")
+        for warning in result.warnings:
+            self.log(f"plan: warning: {warning}")
         write_plan(result.plan, self.path("plan.json"), overwrite=True)
         p = result.plan
         self.log(

@@ -38,6 +38,7 @@ from typing import Any
 
 from ffnfusion.analyze.rescore import Measurer, Rescorer
 from ffnfusion.formats.analysis import Analysis
+from ffnfusion.formats.engines import EXTERNAL, PARALLEL_GROUPS, plan_limits
 from ffnfusion.formats.plan import Plan, plan_blocks
 from ffnfusion.plan.costs import CostModel
 from ffnfusion.plan.search import PlanSearch, _info, _pairs, depth, search_plan
@@ -74,6 +75,7 @@ class Recipe:
             "proxy_kl": round(self.proxy_kl, 6),
             "latency_ms": round(self.latency_ms, 6),
             "note": self.note,
+            "not_loaded_by": plan_limits(self.plan),
             **({"variants": self.variants} if self.variants else {}),
         }
 
@@ -180,8 +182,12 @@ def compare_recipes(
     rescore: Rescorer | None = None,
     measure: Measurer | None = None,
     log: Callable[[str], None] | None = None,
+    engines: list[str] | None = None,
 ) -> RecipeComparison:
-    """Build every recipe at `target_depth`, predict (or measure) its KL, and pick one (see the module docstring)."""
+    """Build every recipe at `target_depth`, predict (or measure) its KL, and pick one (see the module docstring).
+
+    `engines` (ENGINES' spelling): the result must load in each; recipes one of them cannot run are not built (the
+    parallel recipe, for any engine but transformers) and never chosen."""
     _check_settings(recipe, target_depth, max_pairs)
     say = log or (lambda _msg: None)
     n = analysis.num_layers
@@ -215,14 +221,24 @@ def compare_recipes(
 
     recipes = [searched("attention", fuse=False), searched("fusion", fuse=True)]
 
-    recipes.append(_parallel_recipe(analysis, searched, target_depth, parallel_threshold, max_pairs))
+    external = [e for e in engines or [] if e in EXTERNAL]
+    if external:  # not worth measuring: it could not be written
+        why = f"left out: {', '.join(external)} cannot load it ({PARALLEL_GROUPS})"
+        recipes.append(Recipe("parallel", Plan(), 2 * n, 0.0, 0.0, float("inf"), "not built", 0.0, False, note=why))
+    else:
+        recipes.append(_parallel_recipe(analysis, searched, target_depth, parallel_threshold, max_pairs))
     recipes.append(layer_drop(analysis, target_depth, scale, finish))
     for r in recipes:
         if not r.reached and not r.note:
             r.note = f"reaches {r.depth} sub-blocks, not {target_depth}"
 
-    chosen, why = _choose(recipes, recipe, measured, target_depth)
-    return RecipeComparison(chosen, recipes, why, _result(analysis, chosen, recipes, why, target_depth, costs, common))
+    chosen, why = _choose(recipes, recipe, measured, target_depth, engines or [])
+    result = _result(analysis, chosen, recipes, why, target_depth, costs, common)
+    if engines:
+        result.plan.info["recipes"]["engines"] = engines
+    if warning := _engine_warning(chosen, recipes, engines or []):
+        result.warnings.insert(0, warning)  # the same list as info["warnings"]
+    return RecipeComparison(chosen, recipes, why, result)
 
 
 def _check_settings(recipe: str, target_depth: int | None, max_pairs: int) -> None:
@@ -265,22 +281,52 @@ def _parallel_recipe(
     return Recipe("parallel", Plan(), 2 * n, 0.0, 0.0, float("inf"), "not built", 0.0, False, note=why)
 
 
-def _choose(recipes: list[Recipe], recipe: str, measured: bool, target_depth: int) -> tuple[Recipe, str]:
-    """The recipe to write (forced by --recipe, or the lowest KL at the depth) and why."""
-    reached = [r for r in recipes if r.reached]
+def _blocked(r: Recipe, engines: list[str]) -> list[str]:
+    """Why engines the user needs cannot load this recipe's plan."""
+    limits = plan_limits(r.plan)
+    return [f"{e}: {'; '.join(limits[e])}" for e in engines if e in limits]
+
+
+def _choose(
+    recipes: list[Recipe], recipe: str, measured: bool, target_depth: int, engines: list[str]
+) -> tuple[Recipe, str]:
+    """The recipe to write (forced by --recipe, or the lowest KL at the depth among those `engines` load) and why."""
+    reached = [r for r in recipes if r.reached and not _blocked(r, engines)]
     if recipe != "auto":
         chosen = next(r for r in recipes if r.name == recipe)
         if chosen.kl_is == "not built":
             raise ValueError(f"--recipe {recipe}: cannot be built here ({chosen.note}).")
+        if blocked := _blocked(chosen, engines):
+            raise ValueError(f"--recipe {recipe} writes what --engines cannot load ({'; '.join(blocked)}).")
         why = "forced by --recipe"
     elif reached:
         chosen = min(reached, key=lambda r: r.kl)
         kind = "measured" if measured else "predicted"
         why = f"lowest {kind} KL of the recipes at depth {target_depth}"
     else:
-        chosen = min(recipes, key=lambda r: (r.depth, r.kl))
+        candidates = [r for r in recipes if r.kl_is != "not built" and not _blocked(r, engines)]
+        chosen = min(candidates, key=lambda r: (r.depth, r.kl))
         why = f"no recipe reaches depth {target_depth}; the shallowest one"
+    if engines:
+        why += f" that {', '.join(engines)} can load"
     return chosen, why
+
+
+def _engine_warning(chosen: Recipe, recipes: list[Recipe], engines: list[str]) -> str | None:
+    """When the chosen plan runs in transformers alone and no engine was named: which engines cannot load it, and the
+    best recipe they could."""
+    limits = plan_limits(chosen.plan)
+    if not limits or engines:
+        return None
+    portable = [r for r in recipes if r.reached and not plan_limits(r.plan)]
+    best = min(portable, key=lambda r: r.kl, default=None)
+    alternative = f": the best recipe they load here is {best.name} (KL {best.kl:.4f})" if best else ""
+    reasons = sorted({why for whys in limits.values() for why in whys})
+    return (
+        f"the {chosen.name} recipe writes what {', '.join(limits)} cannot load ({'; '.join(reasons)}); only "
+        f"transformers (with ffnfusion) and ffnfusion's engine run it. To serve with one of them, name it: "
+        f"--engines vllm (run.yaml: plan: {{engines: [vllm]}}){alternative}"
+    )
 
 
 def layer_drop(analysis: Analysis, target_depth: int, scale: float, finish: Callable[..., Recipe]) -> Recipe:

@@ -49,6 +49,11 @@ class PlanSettings(BaseModel):
         "it",
     )
     max_pairs: int = Field(4, description="parallel recipe: try 1..this many parallel pairs")
+    engines: list[str] | None = Field(
+        None,
+        description="the result must load in these engines (comma-separated: vllm, sglang, tensorrt-llm, llama.cpp, "
+        "or all): recipes they cannot run (block-parallel groups) are left out",
+    )
 
     def compares_recipes(self) -> bool:
         """Recipes are compared when asked for, or when a target depth is the only budget."""
@@ -64,6 +69,19 @@ class PlanSettings(BaseModel):
                 "without --remove-attention or --max-kl."
             )
 
+    def check_engines(self) -> list[str]:
+        """The engines the result must load in (ENGINES' spelling); parallel blocks asked for where one cannot."""
+        from ffnfusion.formats.engines import EXTERNAL, PARALLEL_GROUPS, engine_names
+
+        engines = engine_names(self.engines or [])
+        external = [e for e in engines if e in EXTERNAL]
+        if external and self.parallel_threshold is not None and not self.compares_recipes():
+            raise ValueError(
+                f"--parallel-threshold makes block-parallel groups, which {', '.join(external)} cannot load "
+                f"({PARALLEL_GROUPS}): leave out one of the two."
+            )
+        return engines
+
     def budgets(self) -> dict[str, Any]:
         """search_plan's keyword options (the budgets and limits)."""
-        return self.model_dump(exclude={"costs", "iterative", "recipe", "measure_recipes", "max_pairs"})
+        return self.model_dump(exclude={"costs", "iterative", "recipe", "measure_recipes", "max_pairs", "engines"})

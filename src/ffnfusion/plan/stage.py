@@ -25,6 +25,7 @@ def choose_plan(
 ) -> tuple[PlanSearch, RecipeComparison | None]:
     """The plan under the settings' budgets, or the best recipe at their target depth (see compares_recipes)."""
     s = settings
+    engines = s.check_engines()
     if not s.compares_recipes():
         return search_plan(analysis, costs=costs, rescore=rescore, **s.budgets()), None
     s.check_recipes()
@@ -40,5 +41,6 @@ def choose_plan(
         costs=costs,
         rescore=rescore,
         measure=measure,
+        engines=engines,
     )
     return comparison.result, comparison
