@@ -305,6 +305,8 @@ def _choose(
         why = f"lowest {kind} KL of the recipes at depth {target_depth}"
     else:
         candidates = [r for r in recipes if r.kl_is != "not built" and not _blocked(r, engines)]
+        if not candidates:
+            raise ValueError(f"no recipe at depth {target_depth} writes what {', '.join(engines)} can load.")
         chosen = min(candidates, key=lambda r: (r.depth, r.kl))
         why = f"no recipe reaches depth {target_depth}; the shallowest one"
     if engines:
@@ -322,10 +324,10 @@ def _engine_warning(chosen: Recipe, recipes: list[Recipe], engines: list[str]) -
     best = min(portable, key=lambda r: r.kl, default=None)
     alternative = f": the best recipe they load here is {best.name} (KL {best.kl:.4f})" if best else ""
     reasons = sorted({why for whys in limits.values() for why in whys})
+    only = "; only transformers (with ffnfusion) and ffnfusion's engine run it" if set(limits) >= set(EXTERNAL) else ""
     return (
-        f"the {chosen.name} recipe writes what {', '.join(limits)} cannot load ({'; '.join(reasons)}); only "
-        f"transformers (with ffnfusion) and ffnfusion's engine run it. To serve with one of them, name it: "
-        f"--engines vllm (run.yaml: plan: {{engines: [vllm]}}){alternative}"
+        f"the {chosen.name} recipe writes what {', '.join(limits)} cannot load ({'; '.join(reasons)}){only}. To "
+        f"serve with one of them, name it: --engines vllm (run.yaml: plan: {{engines: [vllm]}}){alternative}"
     )
 
 
