@@ -237,7 +237,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     original = rows[0]["original"]["ppl"]
-    original_ms = _median([(r.get("decode_ms") or {}).get("original", {}).get("1") for r in rows if r.get("decode_ms")])
+    original_ms = _median([ms for r in rows if (ms := (r.get("decode_ms") or {}).get("original", {}).get("1"))])
     for recipe in sorted({r["recipe"] for r in rows}):
         mine = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["sub_blocks"])
         ppl = [(r["healed"] or r["before_heal"])["ppl"] for r in mine]
