@@ -291,7 +291,7 @@ def main() -> None:
         "--eval-batch-size",
         type=int,
         default=64,
-        help="sequences per forward pass in eval (perplexity windows and task requests; eval's own default is 8)",
+        help="sequences per forward pass in eval (perplexity windows and task requests; eval default: 8)",
     )
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
