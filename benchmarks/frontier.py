@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -170,8 +171,7 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def _median(values: list[float]) -> float | None:
-    values = sorted(values)
-    return values[len(values) // 2] if values else None
+    return statistics.median(values) if values else None
 
 
 def write_table(rows: list[dict], work: Path) -> str:
