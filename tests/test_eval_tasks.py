@@ -334,3 +334,36 @@ def test_reference_scores_are_reused_for_the_same_weights_text_and_settings(tiny
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 7] += 1e-3
     assert weights_digest(model) != digest
+
+
+@needs_data
+def test_prompt_templates_compile_once_and_render_as_lm_eval_does(sample_dir, monkeypatch):
+    """lm-eval compiles each prompt template per document; the kept compilation must render every local task's
+    requests exactly as lm-eval's own `apply_template` does."""
+    from lm_eval import utils
+
+    from ffnfusion.eval.zero_shot import _compile_templates_once
+
+    names = ["hellaswag", "arc_easy", "piqa", "winogrande", "lambada_openai", "mmlu"]
+    tasks = resolve_tasks(names, sample_dir)
+
+    def requests() -> list:
+        found = []
+        for task in task_manager(tasks, sample_dir).load([lm for _, lm in tasks])["tasks"].values():
+            task.build_all_requests(limit=None, rank=0, world_size=1)
+            found += [(task.config.task, i.doc_id, i.arguments) for i in task.instances]
+        return sorted(found, key=repr)
+
+    pristine = getattr(utils.apply_template, "original", utils.apply_template)
+    monkeypatch.setattr(utils, "apply_template", pristine)
+    want = requests()
+    compiles = []
+    real_from_string = utils.env.from_string
+    monkeypatch.setattr(utils.env, "from_string", lambda t: compiles.append(t) or real_from_string(t))
+    _compile_templates_once()
+    assert utils.apply_template is not pristine
+    got = requests()
+    assert got == want and len(want) > 500  # every request of 6 tasks (57 MMLU subjects), argument for argument
+    assert len(compiles) == len(set(compiles)) < 100  # each distinct template compiled once, not once a document
+    _compile_templates_once()  # a second call keeps the first wrapper
+    assert utils.apply_template.original is pristine
