@@ -344,7 +344,7 @@ def test_prompt_templates_compile_once_and_render_as_lm_eval_does(sample_dir, mo
 
     from ffnfusion.eval.zero_shot import _compile_templates_once
 
-    names = ["hellaswag", "arc_easy", "piqa", "winogrande", "lambada_openai", "mmlu"]
+    names = ["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai", "mmlu"]
     tasks = resolve_tasks(names, sample_dir)
 
     def requests() -> list:
@@ -363,7 +363,7 @@ def test_prompt_templates_compile_once_and_render_as_lm_eval_does(sample_dir, mo
     _compile_templates_once()
     assert utils.apply_template is not pristine
     got = requests()
-    assert got == want and len(want) > 500  # every request of 6 tasks (57 MMLU subjects), argument for argument
+    assert got == want and len(want) > 500  # every request of the 7 tasks (57 MMLU subjects)
     assert len(compiles) == len(set(compiles)) < 100  # each distinct template compiled once, not once a document
     _compile_templates_once()  # a second call keeps the first wrapper
     assert utils.apply_template.original is pristine
