@@ -260,6 +260,7 @@ def test_engine_names_and_conflicts_are_refused_with_the_choices() -> None:
 
     assert engine_names(["VLLM", " llama.cpp", "trt-llm"]) == ["llama.cpp", "vLLM", "TensorRT-LLM"]
     assert engine_names(["all"]) == list(ENGINES)
+    assert PlanSettings(engines="vllm, llama.cpp").engines == ["vllm", "llama.cpp"]  # run.yaml as the command line
     with pytest.raises(ValueError, match="unknown engine.*vllm2.*choose from"):
         engine_names(["vllm2"])
     a = fake_analysis(8, KL)

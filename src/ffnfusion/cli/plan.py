@@ -16,7 +16,7 @@ from ffnfusion.plan.settings import PlanSettings
 
 @settings_options(
     costs=CliForm(type=Path | None),
-    engines=CliForm(type=str | None, convert=lambda names: [n for n in (names or "").split(",") if n.strip()] or None),
+    engines=CliForm(type=str | None),  # comma-separated; PlanSettings splits it
 )
 def plan_(
     analysis: Annotated[Path, typer.Argument(help="analysis.json (or the folder holding it) from `ffnfusion analyze`")],

@@ -53,6 +53,13 @@ def _check_analyze(cfg: RunConfig, a: dict[str, Any], problems: list[str]) -> No
 
 
 def _check_plan(cfg: RunConfig, pl: dict[str, Any], problems: list[str]) -> None:
+    if pl.get("engines"):
+        from ffnfusion.plan.settings import PlanSettings
+
+        try:  # before any stage runs, not after the analysis
+            PlanSettings(**pl).check_engines()
+        except ValueError as e:
+            problems.append(f"plan.engines: {e}")
     if pl.get("costs"):
         costs = Path(pl["costs"]).expanduser()
         if not costs.is_file():

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class PlanSettings(BaseModel):
@@ -54,6 +54,12 @@ class PlanSettings(BaseModel):
         description="the result must load in these engines (comma-separated: vllm, sglang, tensorrt-llm, llama.cpp, "
         "or all): recipes they cannot run (block-parallel groups) are left out",
     )
+
+    @field_validator("engines", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """`engines: vllm, llama.cpp` in run.yaml, as on the command line."""
+        return [n.strip() for n in value.split(",") if n.strip()] or None if isinstance(value, str) else value
 
     def compares_recipes(self) -> bool:
         """Recipes are compared when asked for, or when a target depth is the only budget."""
