@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ffnfusion.adapters import adapter_for
-from ffnfusion.formats.engines import ATTENTION_WITHOUT_FFN, ENGINE_EVIDENCE, ENGINES, PARALLEL_GROUPS
+from ffnfusion.formats.engines import ATTENTION_WITHOUT_FFN, ENGINE_EVIDENCE, EXTERNAL, PARALLEL_GROUPS
 from ffnfusion.formats.plan import ENGINE_WIDTH_MULTIPLE, Plan, check_plan_model, plan_blocks, sequential_sub_blocks
 from ffnfusion.formats.settings import settings_from
 from ffnfusion.fuse_settings import FuseSettings
@@ -61,19 +61,19 @@ def engine_support(config: dict[str, Any]) -> dict[str, str]:
     """
     hidden = config["hidden_size"]
     blocks = config["block_configs"]
-    reasons: dict[str, list[str]] = {e: [] for e in ENGINES[1:]}
+    reasons: dict[str, list[str]] = {e: [] for e in EXTERNAL}
 
     def add(engines: tuple[str, ...], reason: str) -> None:
         for e in engines:
             reasons[e].append(reason)
 
     if any((b.get("parallel_blocks") or 1) > 1 for b in blocks):
-        add(ENGINES[1:], PARALLEL_GROUPS)
+        add(EXTERNAL, PARALLEL_GROUPS)
     if config.get("qk_norm"):
-        add(ENGINES[1:], "q/k norms (Qwen3) are an ffnfusion extension")
+        add(EXTERNAL, "q/k norms (Qwen3) are an ffnfusion extension")
     widths = {block_ffn_width(b, hidden) for b in blocks if not b["ffn"]["no_op"]}
     if bad := sorted(w for w in widths if w % ENGINE_WIDTH_MULTIPLE):
-        add(ENGINES[1:], f"FFN widths {bad} are not multiples of {ENGINE_WIDTH_MULTIPLE} (ffn_mult cannot say them)")
+        add(EXTERNAL, f"FFN widths {bad} are not multiples of {ENGINE_WIDTH_MULTIPLE} (ffn_mult cannot say them)")
     if config.get("attention_bias"):
         add(("llama.cpp", "SGLang", "TensorRT-LLM"), "q/k/v/o biases are not loaded by its DeciLM model")
     elif config.get("qkv_bias"):

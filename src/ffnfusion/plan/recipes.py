@@ -315,8 +315,8 @@ def _choose(
 
 
 def _engine_warning(chosen: Recipe, recipes: list[Recipe], engines: list[str]) -> str | None:
-    """When the chosen plan runs in transformers alone and no engine was named: which engines cannot load it, and the
-    best recipe they could."""
+    """When no engine was named and some engine cannot load the chosen plan: which ones, and the best recipe every
+    engine loads."""
     limits = plan_limits(chosen.plan)
     if not limits or engines:
         return None

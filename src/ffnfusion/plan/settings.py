@@ -59,7 +59,9 @@ class PlanSettings(BaseModel):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         """`engines: vllm, llama.cpp` in run.yaml, as on the command line."""
-        return [n.strip() for n in value.split(",") if n.strip()] or None if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        return [n.strip() for n in value.split(",") if n.strip()] or None
 
     def compares_recipes(self) -> bool:
         """Recipes are compared when asked for, or when a target depth is the only budget."""
