@@ -112,7 +112,8 @@ def measure(args: argparse.Namespace, folders: list[Path]) -> list[Path]:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         fused = list(pool.map(lambda f: attempt(f, "--stop-after", "fuse"), folders))
-    return [folder for folder, good in zip(folders, fused, strict=True) if good and attempt(folder)]
+    rest = ("--skip", args.skip) if args.skip else ()
+    return [folder for folder, good in zip(folders, fused, strict=True) if good and attempt(folder, *rest)]
 
 
 def row(folder: Path) -> dict:
@@ -292,6 +293,11 @@ def main() -> None:
         type=int,
         default=64,
         help="sequences per forward pass in eval (perplexity windows and task requests; eval default: 8)",
+    )
+    p.add_argument(
+        "--skip",
+        help="stages every variant skips for now (`ffnfusion run --skip`), e.g. bench while other jobs share the GPU; "
+        "rerun without it to add them",
     )
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
