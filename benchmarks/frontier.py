@@ -48,7 +48,7 @@ def variant_config(args: argparse.Namespace, depth: int, recipe: str) -> dict:
     for option in args.heal or []:
         key, _, value = option.partition("=")
         config["heal"][key.strip().replace("-", "_")] = _option_value(value.strip())
-    config["eval"] = {"batch_size": args.eval_batch_size}
+    config["eval"] = {"batch_size": args.eval_batch_size} if args.eval_batch_size else {}
     if args.tasks and (not args.task_depths or depth in {int(d) for d in args.task_depths.split(",")}):
         config["eval"] |= {"tasks": args.tasks.split(","), "task_data_dir": str(Path(args.task_data_dir).resolve())}
         if args.limit:
@@ -291,8 +291,8 @@ def main() -> None:
     p.add_argument(
         "--eval-batch-size",
         type=int,
-        default=64,
-        help="sequences per forward pass in eval (perplexity windows and task requests; eval default: 8)",
+        help="sequences per forward pass in eval (perplexity windows and task requests; default: eval's automatic "
+        "size)",
     )
     p.add_argument(
         "--skip",

@@ -367,3 +367,28 @@ def test_prompt_templates_compile_once_and_render_as_lm_eval_does(sample_dir, mo
     assert len(compiles) == len(set(compiles)) < 100  # each distinct template compiled once, not once a document
     _compile_templates_once()  # a second call keeps the first wrapper
     assert utils.apply_template.original is pristine
+
+
+def test_batch_size_is_automatic_unless_given_and_recorded(tiny_folder, tmp_path, monkeypatch):
+    """Without --batch-size eval sizes the batch once (8 on a CPU) and records the size it used; a given size is
+    used as given. Scores do not depend on it."""
+    import ffnfusion.eval.stage as stage
+
+    monkeypatch.setenv("FFNFUSION_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    used = []
+    real = stage.score_windows
+    monkeypatch.setattr(stage, "score_windows", lambda *a: used.append(a[5]) or real(*a))
+
+    def ev(**kw):
+        return evaluate([str(tiny_folder)], data=str(text), device="cpu", progress=False, context_len=32, **kw)
+
+    auto, given = ev(), ev(batch_size=3)
+    assert used == [8, 3]
+    assert auto["settings"]["batch_size"] == 8 and given["settings"]["batch_size"] == 3
+    a, g = auto["models"][0]["perplexity"], given["models"][0]["perplexity"]
+    assert a["windows"] > 8 and a["tokens"] == g["tokens"]
+    assert a["ppl"] == pytest.approx(g["ppl"], rel=1e-5)
+    with pytest.raises(EvalError, match="--batch-size must be at least 1 .*leave it out"):
+        ev(batch_size=0)

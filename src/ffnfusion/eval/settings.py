@@ -30,7 +30,11 @@ class EvalSettings(BaseModel):
     context_len: int = Field(512, description="perplexity window, tokens")
     stride: int | None = Field(None, description="tokens between window starts (default: context length)")
     max_tokens: int | None = Field(None, description="use only the first N tokens of --data")
-    batch_size: int = Field(8, description="sequences per forward pass")
+    batch_size: int | None = Field(
+        None,
+        description="sequences per forward pass (default: automatic; 8 on CPU, on a GPU up to 64 as its memory "
+        "allows for the logits)",
+    )
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     seed: int = 0

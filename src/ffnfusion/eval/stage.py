@@ -94,6 +94,8 @@ def evaluate(
     data, tasks, task_data_dir, limit, max_tokens = s.data, s.tasks, s.task_data_dir, s.limit, s.max_tokens
     context_len, stride, batch_size, seed = s.context_len, s.stride, s.batch_size, s.seed
     _check_settings(models, data, tasks, reference, limit, max_tokens, context_len, stride)
+    if batch_size is not None and batch_size < 1:
+        raise EvalError(f"--batch-size must be at least 1 (got {batch_size}); leave it out for the automatic size.")
     torch_dtype = parse_dtype(s.dtype)
     device = str(resolve_device(s.device))
     names = _labels(models, labels)
@@ -115,6 +117,8 @@ def evaluate(
     for spec, name, source, tok in zip(models, names, sources, tokenizers):
         started = time.perf_counter()
         model = ref_model if _same_model(source, ref_source) else load_model(source, torch_dtype, device)
+        if scoring.batch_size is None:  # automatic: sized once, by the first models loaded, for every model
+            scoring.batch_size = recorded["batch_size"] = _auto_batch(model, ref_model, device, context_len, task_list)
         torch.manual_seed(seed)
         row = _row(name, spec, model)
         # Only the reference is looked up: it is the model every run and every variant of a study scores again.
@@ -136,6 +140,17 @@ def evaluate(
     if out is not None:
         write_eval(result, out)
     return result
+
+
+def _auto_batch(
+    model: torch.nn.Module, ref_model: torch.nn.Module | None, device: str, context_len: int, task_list: list[Any]
+) -> int:
+    from ffnfusion.eval.batch import auto_batch_size, model_bytes
+
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    loaded = model_bytes(model, ref_model)
+    return auto_batch_size(device, vocab, context_len, bool(task_list), loaded)
 
 
 def _score_key(
@@ -236,7 +251,7 @@ def _settings(
     task_list: list[Any],
     task_data_dir: str | Path | None,
     limit: int | None,
-    batch_size: int,
+    batch_size: int | None,
     torch_dtype: torch.dtype,
     device: str,
     seed: int,
@@ -265,7 +280,7 @@ class _Scoring:
 
     context_len: int
     stride: int | None
-    batch_size: int
+    batch_size: int | None  # None until the first model is loaded: automatic
     limit: int | None
     seed: int
     progress: bool
