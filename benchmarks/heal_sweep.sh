@@ -1,7 +1,8 @@
 #!/bin/bash
-# Healing recipe at one depth: corpus prompts x learning rate (x block-boundary loss weight), the same token budget
-# for every cell, one fused model. Cells: CELLS="mix:1e-3 mix:1e-3:1.0 mix@0.9:1e-3 ..." (prompts[@top_p]:lr[:layer_weight];
-# top-p 1.0, the model's own distribution as `--data self` samples it, unless a cell names one).
+# Healing recipe at one depth: corpus prompts (and top-p) x learning rate (x block-boundary loss weight), the same
+# token budget for every cell, one fused model. Cells: CELLS="mix:1e-3 mix:1e-3:1.0 mix@0.9:1e-3 ..."
+# (prompts[@top_p]:lr[:layer_weight]; top-p 1.0, the model's own distribution as `--data self` samples it, unless a
+# cell names one).
 #
 #   bash benchmarks/heal_sweep.sh MODEL.gguf VALID_TEXT TEST_TEXT WORK [DEPTH] [TOKENS]
 #

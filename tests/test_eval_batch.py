@@ -26,6 +26,9 @@ MB = 10**6
         (1000, 100, False, 200 * MB, 100 * MB, 1),
         # SmolLM2-135M (49,152 logits) in fp32 beside its original on a 143 GB H200, tasks on: capped at 64
         (49152, 512, True, 2 * 135 * 4 * MB, 143 * 2**30, MAX_BATCH),
+        # ... 0.604 GB a sequence: 70 fit in half of an 80 GiB card (-> 64), 34 in half of 40 GiB (-> 32)
+        (49152, 512, True, 2 * 135 * 4 * MB, 80 * 2**30, 64),
+        (49152, 512, True, 2 * 135 * 4 * MB, 40 * 2**30, 32),
         # Llama-3.1-8B's 128,256 logits beside two fp32 8B models on an 80 GiB card (21.7 GB left, 10.8 GB to fill):
         # 1.576 GB a sequence with tasks (6 fit -> 4), 0.788 GB without (13 fit -> 8)
         (128256, 512, True, 2 * 8030 * 4 * MB, 80 * 2**30, 4),

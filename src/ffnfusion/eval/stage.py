@@ -93,9 +93,7 @@ def evaluate(
     s = settings_from(EvalSettings, settings, options)
     data, tasks, task_data_dir, limit, max_tokens = s.data, s.tasks, s.task_data_dir, s.limit, s.max_tokens
     context_len, stride, batch_size, seed = s.context_len, s.stride, s.batch_size, s.seed
-    _check_settings(models, data, tasks, reference, limit, max_tokens, context_len, stride)
-    if batch_size is not None and batch_size < 1:
-        raise EvalError(f"--batch-size must be at least 1 (got {batch_size}); leave it out for the automatic size.")
+    _check_settings(models, data, tasks, reference, limit, max_tokens, context_len, stride, batch_size)
     torch_dtype = parse_dtype(s.dtype)
     device = str(resolve_device(s.device))
     names = _labels(models, labels)
@@ -174,6 +172,7 @@ def _check_settings(
     max_tokens: int | None,
     context_len: int,
     stride: int | None,
+    batch_size: int | None,
 ) -> None:
     if not models:
         raise EvalError("name at least one model to evaluate.")
@@ -185,6 +184,8 @@ def _check_settings(
         raise EvalError(f"--limit must be a positive number of items per task (got {limit}).")
     if max_tokens is not None and max_tokens < 2:
         raise EvalError(f"--max-tokens must be at least 2 (got {max_tokens}).")
+    if batch_size is not None and batch_size < 1:
+        raise EvalError(f"--batch-size must be at least 1 (got {batch_size}); leave it out for the automatic size.")
     sliding_windows(max(context_len, 2), context_len, stride)  # validates context/stride before anything loads
 
 
