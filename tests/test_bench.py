@@ -185,3 +185,18 @@ def test_graph_engine_matches_eager_on_gpu() -> None:
         tokens, timing = engine.generate(ids, 12, timed=True)
         assert torch.equal(tokens, eager), kernels
         assert len(timing.step_ms) == 11
+
+
+def test_table_explains_greedy_paths_that_part_in_half_precision() -> None:
+    def result(dtype: str, match: bool) -> dict:
+        run = {"batch": 1, "prefill_ms": 1.5, "decode_ms_per_token": 0.9, "greedy_match": match, "tokens_compared": 8}
+        if not match:
+            run["first_mismatch"] = {"row": 0, "step": 2}
+        return {"dtype": dtype, "models": [{"name": "original", "sequential_sub_blocks": 60, "runs": [run]}]}
+
+    parted = markdown_table(result("bfloat16", False))
+    assert "differs from token 3" in parted
+    assert "greedy = eager: in bfloat16" in parted and "--dtype float32" in parted
+    assert "greedy = eager: in" not in markdown_table(result("float32", False))  # a real disagreement: no excuse
+    assert "greedy = eager: in" not in markdown_table(result("bfloat16", True))
+    assert "yes (8 tokens)" in markdown_table(result("bfloat16", True))

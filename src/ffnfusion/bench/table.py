@@ -56,6 +56,14 @@ def markdown_table(result: dict[str, Any]) -> str:
                 f"| {fmt(r.get('eager_decode_ms_per_token'), '.2f')} | {match} "
                 f"| {fmt(peak / 2**30 if peak else None, '.2f')} |"
             )
+    parted = any(r.get("greedy_match") is False for m in result["models"] for r in m["runs"])
+    if parted and result.get("dtype", "float32") != "float32":
+        lines += [
+            "",
+            f"greedy = eager: in {result['dtype']} the engine's fused kernels and packed GEMMs round differently from "
+            "eager `generate`, so two greedy paths part at the first near-tie; that is not an error. `--dtype "
+            "float32` checks the engine against eager token for token.",
+        ]
     if probe := result.get("ffn_probe"):
         lines.append("")
         lines.append(
