@@ -81,7 +81,8 @@ def test_skip_heal_and_cli(setup) -> None:
         app, ["run", "--model", str(model), "--config", str(config), "--out", str(out), "--skip", "heal"]
     )
     assert result.exit_code == 0, result.output
-    assert "skipped: --skip" in result.output
+    assert "[heal] skipped: --skip" in result.output  # the stage's name shown, not taken for rich markup
+    assert "[analyze] running" in result.output
     labels = [m["label"] for m in json.loads((out / "eval.json").read_text())["models"]]
     assert labels == ["original", "fused"]
     result = runner.invoke(app, ["report", str(out)])

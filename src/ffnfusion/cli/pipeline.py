@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ffnfusion.cli.app import USER_ERRORS, console, err_console, fail
@@ -32,7 +33,8 @@ def run_(
             config=config,
             stop_after=stop_after,
             skip={s.strip() for s in skip.split(",") if s.strip()},
-            log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+            # escaped: "[analyze] running", and any path with brackets, are text, not rich markup
+            log=lambda msg: err_console.print(f"[dim]{escape(msg)}[/]"),
             data=data,
             eval_data=eval_data,
             device=device,
