@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ffnfusion.analyze.settings import AnalyzeSettings
-from ffnfusion.cli.app import USER_ERRORS, check_plan_file, console, err_console, fail
+from ffnfusion.cli.app import USER_ERRORS, check_plan_file, console, fail, log_dim
 from ffnfusion.cli.options import CliForm, settings_options
 
 
@@ -43,7 +43,7 @@ def analyze(
             settings,
             overwrite=overwrite,
             show_progress=True,
-            log=lambda msg: err_console.print(f"[dim]{msg}[/]") if main_process else None,
+            log=log_dim if main_process else None,
         )
     except USER_ERRORS as e:
         fail(e)

@@ -16,6 +16,12 @@ from typer.core import TyperGroup
 console = Console()
 err_console = Console(stderr=True)
 
+
+def log_dim(message: str) -> None:
+    """A stage's progress line, dimmed on stderr; escaped, so "[analyze] running" or a path with brackets is text,
+    not rich markup."""
+    err_console.print(f"[dim]{escape(message)}[/]")
+
 # Errors that mean "the user's input is wrong": print the message, not a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 # Set by the root `--debug` option (or FFNFUSION_DEBUG=1): errors also print their traceback.

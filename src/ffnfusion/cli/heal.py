@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ffnfusion.cli.app import USER_ERRORS, console, err_console, fail
@@ -60,4 +61,4 @@ def heal(
     )
     console.print(table)
     for warning in summary.warnings:
-        err_console.print(f"[bold yellow]warning:[/] {warning}")
+        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}")

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from ffnfusion.cli.app import USER_ERRORS, console, err_console, fail
+from ffnfusion.cli.app import USER_ERRORS, console, fail, log_dim
 
 
 def run_(
@@ -33,8 +32,7 @@ def run_(
             config=config,
             stop_after=stop_after,
             skip={s.strip() for s in skip.split(",") if s.strip()},
-            # escaped: "[analyze] running", and any path with brackets, are text, not rich markup
-            log=lambda msg: err_console.print(f"[dim]{escape(msg)}[/]"),
+            log=log_dim,
             data=data,
             eval_data=eval_data,
             device=device,

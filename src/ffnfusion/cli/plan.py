@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ffnfusion.cli.app import USER_ERRORS, console, err_console, fail
+from ffnfusion.cli.app import USER_ERRORS, console, err_console, fail, log_dim
 from ffnfusion.cli.options import CliForm, settings_options
 from ffnfusion.plan.settings import PlanSettings
 
@@ -60,7 +60,7 @@ def plan_(
         # What re-measuring on the model needs (--iterative, --measure-recipes): the analysis' settings by default.
         on_model = dict(
             model=model, data=data, samples=samples, seq_len=seq_len, device=device, dtype=dtype,
-            batch_size=batch_size, log=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+            batch_size=batch_size, log=log_dim,
         )  # fmt: skip
         rescore = iterative_rescorer(a, stream=stream, **on_model) if settings.iterative else None
         measure = recipe_measurer(a, **on_model) if settings.measure_recipes else None
