@@ -61,6 +61,23 @@ def test_cpu_skips_the_default_heal_with_the_reason(setup, tmp_path) -> None:
     assert _run(model, tmp_path, device="cpu", heal={"max_steps": 2})._skip_reason("heal", set()) is None
 
 
+def test_cpu_says_up_front_which_stages_it_will_skip(setup, tmp_path, monkeypatch) -> None:
+    """The reasons come before the first stage runs, not after the analysis has taken its minutes."""
+    model, text = setup
+    messages: list[str] = []
+
+    def stop(_self) -> None:
+        raise RuntimeError("stopped at the first stage")
+
+    monkeypatch.setattr(Run, "_analyze", stop)
+    cfg = RunConfig.load(None, model=str(model), data=str(text), device="cpu")
+    with pytest.raises(RuntimeError, match="stopped at the first stage"):
+        Run(cfg, tmp_path / "out", log=messages.append).execute()
+    assert messages[-1] == "[analyze] running"
+    assert any(m.startswith("[heal] will be skipped: no CUDA GPU") and "heal: {tokens: N}" in m for m in messages)
+    assert any(m.startswith("[bench] will be skipped: needs a CUDA GPU") for m in messages)
+
+
 def test_a_given_token_budget_is_honoured(setup, tmp_path) -> None:
     model, text = setup
     sections = _cpu_sections(text, heal_tokens=4 * 32 * 3)

@@ -49,6 +49,8 @@ def test_run_end_to_end_then_resume(setup) -> None:
     assert status["analyze"] == status["plan"] == status["fuse"] == "ran"
     assert status["heal"] == status["eval"] == status["report"] == "ran"
     assert status["bench"].startswith("skipped: needs a CUDA GPU")
+    first_run = messages.index("[analyze] running")
+    assert any(m.startswith("[bench] will be skipped: needs a CUDA GPU") for m in messages[:first_run])
     plan = json.loads((out / "plan.json").read_text())
     assert len(plan["remove_attention"]) == 3
     eval_json = json.loads((out / "eval.json").read_text())

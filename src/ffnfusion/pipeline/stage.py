@@ -95,6 +95,9 @@ class Run:
         last = STAGES.index(stop_after) if stop_after is not None else len(STAGES) - 1
         will_run = [s for s in STAGES[: last + 1] if self._skip_reason(s, skip) is None]
         self.preflight(will_run)
+        for stage in STAGES[: last + 1]:  # said up front, not after the stages before have run for minutes
+            if (reason := self._skip_reason(stage, skip)) not in (None, "--skip"):
+                self.log(f"[{stage}] will be skipped: {reason}")
         if "heal" in will_run and not HEAL_SIZE_KEYS & self.config.heal.keys():
             options = self.heal_options()
             samples = options.get("self_samples")
