@@ -22,6 +22,7 @@ def log_dim(message: str) -> None:
     not rich markup."""
     err_console.print(f"[dim]{escape(message)}[/]")
 
+
 # Errors that mean "the user's input is wrong": print the message, not a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 # Set by the root `--debug` option (or FFNFUSION_DEBUG=1): errors also print their traceback.
