@@ -128,3 +128,17 @@ def test_report_without_analysis_reads_layers_from_the_checkpoint(setup, tmp_pat
     md, _ = write_report(folder)
     text = md.read_text()
     assert "layers: 8 -> " in text and "Not available: analysis" in text
+
+
+def test_progress_lines_keep_brackets_and_long_paths_whole(monkeypatch) -> None:
+    import importlib
+    import io
+
+    from rich.console import Console
+
+    cli_app = importlib.import_module("ffnfusion.cli.app")  # the module; `ffnfusion.cli.app` the attribute is the app
+    out = io.StringIO()
+    monkeypatch.setattr(cli_app, "err_console", Console(file=out, width=40))
+    line = "[analyze] loading /a/folder/[v2]/with/a/long/name/SmolLM2-135M-Instruct.Q4_1.gguf (bfloat16, cpu)"
+    cli_app.log_dim(line)
+    assert out.getvalue() == line + "\n"  # no markup eaten, no line break inside the path

@@ -19,8 +19,8 @@ err_console = Console(stderr=True)
 
 def log_dim(message: str) -> None:
     """A stage's progress line, dimmed on stderr; escaped, so "[analyze] running" or a path with brackets is text,
-    not rich markup."""
-    err_console.print(f"[dim]{escape(message)}[/]")
+    not rich markup; soft-wrapped, so a long path in a log file stays on one line that can be copied."""
+    err_console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
 
 
 # Errors that mean "the user's input is wrong": print the message, not a traceback.
