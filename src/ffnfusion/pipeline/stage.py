@@ -93,11 +93,12 @@ class Run:
             if needed in skip and by not in skip and not self.path(OUTPUTS[needed][0]).exists():
                 raise RunConfigError(f"--skip {needed} leaves nothing for {by}: skip {by} too, or run {needed}.")
         last = STAGES.index(stop_after) if stop_after is not None else len(STAGES) - 1
-        will_run = [s for s in STAGES[: last + 1] if self._skip_reason(s, skip) is None]
+        skipped = {stage: self._skip_reason(stage, skip) for stage in STAGES}
+        will_run = [s for s in STAGES[: last + 1] if skipped[s] is None]
         self.preflight(will_run)
         for stage in STAGES[: last + 1]:  # said up front, not after the stages before have run for minutes
-            if (reason := self._skip_reason(stage, skip)) not in (None, "--skip"):
-                self.log(f"[{stage}] will be skipped: {reason}")
+            if skipped[stage] not in (None, "--skip"):
+                self.log(f"[{stage}] will be skipped: {skipped[stage]}")
         if "heal" in will_run and not HEAL_SIZE_KEYS & self.config.heal.keys():
             options = self.heal_options()
             samples = options.get("self_samples")
@@ -115,7 +116,7 @@ class Run:
         status: dict[str, str] = {}
         for stage in STAGES:
             self.keys[stage] = self.stage_key(stage)
-            reason = self._skip_reason(stage, skip)
+            reason = skipped[stage]
             if reason:
                 status[stage] = f"skipped: {reason}"
                 self.state["stages"].pop(stage, None)

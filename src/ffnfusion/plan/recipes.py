@@ -224,7 +224,7 @@ def compare_recipes(
     external = [e for e in engines or [] if e in EXTERNAL]
     if external:  # not worth measuring: it could not be written
         why = f"left out: {', '.join(external)} cannot load it ({PARALLEL_GROUPS})"
-        recipes.append(Recipe("parallel", Plan(), 2 * n, 0.0, 0.0, float("inf"), "not built", 0.0, False, note=why))
+        recipes.append(_unbuilt("parallel", n, why))
     else:
         recipes.append(_parallel_recipe(analysis, searched, target_depth, parallel_threshold, max_pairs))
     recipes.append(layer_drop(analysis, target_depth, scale, finish))
@@ -278,7 +278,12 @@ def _parallel_recipe(
         why = "no pair of intact equal-width layers"
         if parallel_threshold is not None:
             why += f" with block dependency <= {parallel_threshold}"
-    return Recipe("parallel", Plan(), 2 * n, 0.0, 0.0, float("inf"), "not built", 0.0, False, note=why)
+    return _unbuilt("parallel", n, why)
+
+
+def _unbuilt(name: str, num_layers: int, why: str) -> Recipe:
+    """A recipe that could not be built (no plan, never chosen), listed with the reason."""
+    return Recipe(name, Plan(), 2 * num_layers, 0.0, 0.0, float("inf"), "not built", 0.0, False, note=why)
 
 
 def _blocked(r: Recipe, engines: list[str]) -> list[str]:
